@@ -34,11 +34,13 @@ component covariates, ``q_m`` mixing covariates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import cho_factor, cho_solve
 from jaxtyping import Array, Float, Int
@@ -298,7 +300,48 @@ class MixtureGLMM:
             params = self._mixing_m_step(params, design, tau, update_variance_components=False)
         return self._component_m_step(params, design, tau, update_variance_components=False)
 
+    # --------------------------------------------------------------- names
+    def labelled_parameters(
+        self, params: MixtureParams, component_columns, mixing_columns, response_names, leading: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Population-level parameters by readable name, keeping ``leading`` batch axes.
+
+        Names: ``v[h, col]`` (mixing), ``w[h, col]`` or ``w[h, col, response]``,
+        ``sigma2[h]`` or ``Sigma[h, k, l]``, ``lambda[h]``, ``phi[h]`` or ``phi[h, response]``;
+        components are numbered from 1.
+        """
+        p = len(response_names)
+        lead = (slice(None),) * leading
+        out: dict[str, np.ndarray] = {}
+        arrays = {field: np.asarray(value) for field, value in params._asdict().items()}
+        for h in range(self.num_components - 1):
+            for c, col in enumerate(mixing_columns):
+                out[f"v[{h + 1}, {col}]"] = arrays["mixing_coef"][lead + (h, c)]
+        for h in range(self.num_components):
+            for c, col in enumerate(component_columns):
+                for k, resp in enumerate(response_names):
+                    suffix = f", {resp}" if p > 1 else ""
+                    out[f"w[{h + 1}, {col}{suffix}]"] = arrays["component_coef"][lead + (h, c, k)]
+        for h in range(self.num_components):
+            if p == 1:
+                out[f"sigma2[{h + 1}]"] = arrays["component_cov"][lead + (h, 0, 0)]
+            else:
+                for k in range(p):
+                    for m in range(k, p):
+                        name = f"Sigma[{h + 1}, {response_names[k]}, {response_names[m]}]"
+                        out[name] = arrays["component_cov"][lead + (h, k, m)]
+        if self.has_mixing_effects:
+            for h in range(self.num_components - 1):
+                out[f"lambda[{h + 1}]"] = arrays["mixing_var"][lead + (h,)]
+        if self.component_random_effects:
+            for h in range(self.num_components):
+                for k, resp in enumerate(response_names):
+                    suffix = f", {resp}" if p > 1 else ""
+                    out[f"phi[{h + 1}{suffix}]"] = arrays["component_var"][lead + (h, k)]
+        return out
+
     # ------------------------------------------------------------ marginal
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("newton_steps",))
     def marginal_log_likelihood(
         self, params: MixtureParams, design: MixtureDesign, newton_steps: int = 8
     ) -> Float[Array, ""]:
@@ -324,28 +367,27 @@ class MixtureGLMM:
             count += g * p
         return count
 
-    def bic(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, ""]:
-        """``-2 loglik + k log n`` with the Laplace marginal log-likelihood."""
+    def bic(self, loglik: Float[Array, ""], design: MixtureDesign) -> Float[Array, ""]:
+        """``-2 loglik + k log n`` for the marginal log-likelihood ``loglik``."""
         n, p = design.y.shape
         k = self.num_parameters(p, design.x_comp.shape[1], design.x_mix.shape[1])
-        return -2.0 * self.marginal_log_likelihood(params, design) + k * jnp.log(n)
+        return -2.0 * loglik + k * jnp.log(n)
 
     # ---------------------------------------------------------- prediction
-    def predict(
-        self, params: MixtureParams, design: MixtureDesign, seen: Array | None = None
-    ) -> Float[Array, "n p"]:
-        r"""Predictive mean :math:`\sum_h \pi_h(x, a_i)(W_h^T x + b_{hi})`.
-
-        Args:
-            seen: optional ``[K]`` mask; tasks marked ``False`` (unseen in training)
-                get the population-level prediction with their random effects at zero.
-        """
-        a, b = params.mixing_effects, params.component_effects
-        if seen is not None:
-            a = jnp.where(seen[:, None], a, 0.0)
-            b = jnp.where(seen[:, None, None], b, 0.0)
-        logits, means = _linear_predictors(params, design, a, b)
+    def predict(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n p"]:
+        r"""Predictive mean :math:`\sum_h \pi_h(x, a_i)(W_h^T x + b_{hi})`."""
+        logits, means = self.linear_predictors(params, design)
         return jnp.einsum("ng,ngp->np", jax.nn.softmax(logits, axis=-1), means)
+
+    def align_effects(self, params: MixtureParams, rows: Int[Array, " K_new"], seen: Array) -> MixtureParams:
+        """Random effects for another task list: row ``rows[k]`` where ``seen[k]``, else zero.
+
+        A task unseen in training gets the population-level answer (its random effects at
+        their prior mean, zero).
+        """
+        a = jnp.where(seen[:, None], params.mixing_effects[rows], 0.0)
+        b = jnp.where(seen[:, None, None], params.component_effects[rows], 0.0)
+        return params._replace(mixing_effects=a, component_effects=b)
 
     # ----------------------------------------------------------- simulation
     def sample_effects(self, key: Array, params: MixtureParams, num_tasks: int) -> MixtureParams:

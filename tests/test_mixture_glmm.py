@@ -1,0 +1,189 @@
+"""Mixture GLMM: brute force at tiny sizes, EM monotonicity, recovery, label handling."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+from mtl_jax.experiments.simulation import simulate_study, table1_params
+from mtl_jax.infer.em import em_fit
+from mtl_jax.metrics import explained_variance, match_components
+from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
+
+
+def tiny_problem(p=1, g=3, K=2, n=7, seed=0):
+    """Random parameters and data small enough for explicit loops."""
+    rng = np.random.default_rng(seed)
+    x_comp = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
+    x_mix = np.column_stack([np.ones(n), rng.normal(size=n)])
+    task = np.array([i % K for i in range(n)], dtype=np.int32)
+    y = rng.normal(size=(n, p))
+    root = rng.normal(size=(g, p, p))
+    params = MixtureParams(
+        mixing_coef=rng.normal(size=(g - 1, 2)),
+        component_coef=rng.normal(size=(g, 3, p)),
+        component_cov=root @ np.swapaxes(root, 1, 2) + np.eye(p),
+        mixing_var=rng.uniform(0.5, 2, size=g - 1),
+        component_var=rng.uniform(0.5, 2, size=(g, p)),
+        mixing_effects=rng.normal(size=(K, g - 1)),
+        component_effects=rng.normal(size=(K, g, p)),
+    )
+    design = MixtureDesign(y=jnp.asarray(y), x_comp=jnp.asarray(x_comp), x_mix=jnp.asarray(x_mix),
+                           task=jnp.asarray(task), num_tasks=K)
+    return jax.tree_util.tree_map(jnp.asarray, params), design
+
+
+def brute_force_joint(params, design):
+    """log pi_h + log f_h for every observation, by explicit loops (scipy densities)."""
+    y, xc, xm, task = map(np.asarray, (design.y, design.x_comp, design.x_mix, design.task))
+    P = jax.tree_util.tree_map(np.asarray, params)
+    g = P.component_coef.shape[0]
+    out = np.zeros((len(y), g))
+    for j in range(len(y)):
+        i = task[j]
+        logits = [P.mixing_coef[h] @ xm[j] + P.mixing_effects[i, h] for h in range(g - 1)] + [0.0]
+        log_pi = np.array(logits) - np.log(np.sum(np.exp(logits)))
+        for h in range(g):
+            mean = xc[j] @ P.component_coef[h] + P.component_effects[i, h]
+            out[j, h] = log_pi[h] + multivariate_normal(mean, P.component_cov[h]).logpdf(y[j])
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_responsibilities_and_loglik_match_brute_force(p):
+    params, design = tiny_problem(p=p)
+    model = MixtureGLMM(3)
+    joint = brute_force_joint(params, design)
+    tau = np.exp(joint - np.log(np.exp(joint).sum(1, keepdims=True)))
+    np.testing.assert_allclose(model.responsibilities(params, design), tau, rtol=1e-10)
+    l1 = np.log(np.exp(joint).sum(1)).sum()
+    l2 = sum(multivariate_normal(np.zeros(2), np.diag(params.mixing_var)).logpdf(a)
+             for a in np.asarray(params.mixing_effects))
+    l2 += sum(multivariate_normal(np.zeros(3 * p), np.diag(np.ravel(params.component_var))).logpdf(np.ravel(b))
+              for b in np.asarray(params.component_effects))
+    np.testing.assert_allclose(model.objective(params, design), l1 + l2, rtol=1e-10)
+
+
+def test_mixture_loglik_matches_enumeration_of_labels():
+    """Summing the complete-data likelihood over all g^n label vectors gives exp(L1)."""
+    params, design = tiny_problem(g=2, n=5)
+    model = MixtureGLMM(2, mixing_random_effects=False, component_random_effects=False)
+    joint = brute_force_joint(params, design)
+    total = sum(np.exp(sum(joint[j, z[j]] for j in range(5))) for z in itertools.product(range(2), repeat=5))
+    l1 = model.objective(params._replace(mixing_effects=0 * params.mixing_effects,
+                                         component_effects=0 * params.component_effects), design)
+    joint0 = brute_force_joint(params._replace(mixing_effects=0 * params.mixing_effects,
+                                               component_effects=0 * params.component_effects), design)
+    total0 = sum(np.exp(sum(joint0[j, z[j]] for j in range(5))) for z in itertools.product(range(2), repeat=5))
+    np.testing.assert_allclose(l1, np.log(total0), rtol=1e-10)
+    assert np.isfinite(np.log(total))
+
+
+def test_laplace_is_exact_for_linear_mixed_model():
+    """g = 1 with component effects: the marginal is y_i ~ N(X_i w, Sigma (x) I + 1 1^T (x) Phi)."""
+    params, design = tiny_problem(p=2, g=1, K=3, n=12, seed=3)
+    model = MixtureGLMM(1, mixing_random_effects=False)
+    P = jax.tree_util.tree_map(np.asarray, params)
+    y, x, task = map(np.asarray, (design.y, design.x_comp, design.task))
+    expected = 0.0
+    for i in range(3):
+        rows = task == i
+        m = rows.sum()
+        mean = (x[rows] @ P.component_coef[0]).ravel()
+        cov = np.kron(np.eye(m), P.component_cov[0]) + np.kron(np.ones((m, m)), np.diag(P.component_var[0]))
+        expected += multivariate_normal(mean, cov).logpdf(y[rows].ravel())
+    np.testing.assert_allclose(model.marginal_log_likelihood(params, design), expected, rtol=1e-10)
+
+
+def test_laplace_matches_quadrature_for_a_mixture():
+    """Mixing effects only: per-task Laplace values agree with 1-D numerical integration."""
+    study = simulate_study(jax.random.key(11), 2, num_tasks=3, n_per_task=60)
+    model = MixtureGLMM(2, component_random_effects=False, residual_update="ml")
+    params = em_fit(model, study.train, jax.random.key(0), n_init=2, max_iter=200).params
+    grid = jnp.linspace(-10, 10, 4001)
+
+    def per_task_log_integrand(a):  # every task's effect set to a: f_i(a) for all i at once
+        moved = params._replace(mixing_effects=jnp.full_like(params.mixing_effects, a))
+        obs = jax.nn.logsumexp(model.log_joint(moved, study.train), axis=1)
+        prior = -0.5 * (np.log(2 * np.pi * params.mixing_var[0]) + a**2 / params.mixing_var[0])
+        return jax.ops.segment_sum(obs, study.train.task, num_segments=3) + prior
+
+    values = np.asarray(jax.vmap(per_task_log_integrand)(grid))  # [grid, K]
+    top = values.max(0)
+    exact = np.sum(np.log(np.trapezoid(np.exp(values - top), np.asarray(grid), axis=0)) + top)
+    laplace = float(model.marginal_log_likelihood(params, study.train))
+    assert abs(laplace - exact) < 0.02 * 3, (laplace, exact)
+
+
+@pytest.mark.parametrize("effects", [(True, True), (False, True), (False, False)])
+def test_em_objective_never_decreases_with_variance_components_fixed(effects):
+    study = simulate_study(jax.random.key(1), 2, n_per_task=150)
+    model = MixtureGLMM(2, mixing_random_effects=effects[0], component_random_effects=effects[1],
+                        residual_update="ml")
+    result = em_fit(model, study.train, jax.random.key(2), n_init=3, max_iter=150, tol=0.0,
+                    update_variance_components=False)
+    trace = np.asarray(result.trace)
+    trace = trace[~np.isnan(trace)]
+    assert len(trace) >= 30  # tol=0 stops only when L stops changing at all
+    assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:])), np.diff(trace).min()
+
+
+def test_parameters_are_recovered_on_simulated_data():
+    study = simulate_study(jax.random.key(7), 2)
+    model = MixtureGLMM(2)
+    result = em_fit(model, study.train, jax.random.key(0), n_init=4)
+    assert bool(result.converged)
+    order = match_components(result.params.component_coef, study.truth.component_coef)
+    est = model.relabel(result.params, order)
+    # Slopes are identified sharply; intercepts share their level with the task effects.
+    np.testing.assert_allclose(est.component_coef[:, 1:], study.truth.component_coef[:, 1:], atol=0.06)
+    np.testing.assert_allclose(est.mixing_coef[:, 1:], study.truth.mixing_coef[:, 1:], atol=0.15)
+    np.testing.assert_allclose(est.component_cov.ravel(), 0.5, atol=0.05)
+    np.testing.assert_allclose(est.component_effects + est.component_coef[None, :, 0],
+                               study.truth.component_effects + study.truth.component_coef[None, :, 0],
+                               atol=0.1)
+    fitted = explained_variance(study.test.y, model.predict(result.params, study.test))
+    oracle = explained_variance(study.test.y, model.predict(study.truth, study.test))
+    assert oracle - fitted < 1.0
+
+
+def test_relabel_leaves_the_mixture_unchanged():
+    params, design = tiny_problem(g=3)
+    model = MixtureGLMM(3)
+    for order in itertools.permutations(range(3)):
+        moved = model.relabel(params, np.array(order))
+        np.testing.assert_allclose(jax.nn.logsumexp(model.log_joint(moved, design), axis=1),
+                                   jax.nn.logsumexp(model.log_joint(params, design), axis=1), rtol=1e-12)
+        np.testing.assert_allclose(moved.component_coef, params.component_coef[np.array(order)])
+    back = model.relabel(model.relabel(params, np.array([2, 0, 1])), np.array([1, 2, 0]))
+    np.testing.assert_allclose(back.mixing_coef, params.mixing_coef, atol=1e-12)
+
+
+def test_em_fit_traces_once_for_repeated_calls():
+    model = MixtureGLMM(2)
+    study = simulate_study(jax.random.key(3), 2, n_per_task=50)
+    em_fit(model, study.train, jax.random.key(0), n_init=2, max_iter=20)
+    size = em_fit._cache_size()
+    other = simulate_study(jax.random.key(4), 2, n_per_task=50)
+    em_fit(model, other.train, jax.random.key(1), n_init=2, max_iter=20)
+    assert em_fit._cache_size() == size
+
+
+def test_float32_fit_is_stable_and_close_to_float64():
+    study = simulate_study(jax.random.key(5), 4, n_per_task=300)
+    model = MixtureGLMM(4)
+    r64 = em_fit(model, study.train, jax.random.key(0), n_init=2, max_iter=300)
+    train32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, study.train)
+    r32 = em_fit(model, train32, jax.random.key(0), n_init=2, max_iter=300)
+    assert r32.params.component_coef.dtype == jnp.float32
+    assert all(np.all(np.isfinite(leaf)) for leaf in r32.params)
+    assert abs(float(r32.loglik) - float(r64.loglik)) < 1e-3 * abs(float(r64.loglik))
+
+
+def test_table1_params_shapes():
+    params = table1_params(8)
+    assert params.mixing_coef.shape == (7, 5)
+    assert params.component_coef.shape == (8, 5, 1)
