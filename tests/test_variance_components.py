@@ -32,7 +32,7 @@ def dense_reml_covariance(model, params, design):
         keep[start_a:start_b] = False
     if not model.component_random_effects:
         keep[start_b:] = False
-    pi = -np.asarray(jax.hessian(objective)(flat))[np.ix_(keep, keep)]
+    pi = -np.asarray(jax.jit(jax.hessian(objective))(flat))[np.ix_(keep, keep)]
     h = np.linalg.inv(pi)
     index = np.cumsum(keep) - 1  # position in the kept vector
     p = params.component_coef.shape[-1]

@@ -23,6 +23,8 @@ with :math:`G_s = \sum_i f_{is} f_{is}^T`: time and memory :math:`O(n + K)`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -86,6 +88,7 @@ def observed_information(model: MixtureGLMM, params: MixtureParams, design: Mixt
     return info_ff, info_fr, info_rr, prior_var
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def variance_component_covariance(
     model: MixtureGLMM, params: MixtureParams, design: MixtureDesign
 ) -> Float[Array, "c c"]:
