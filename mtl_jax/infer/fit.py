@@ -9,35 +9,18 @@ directly.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import numpy as np
 
 from mtl_jax.data import TaskData
 from mtl_jax.infer.em import em_fit
-from mtl_jax.infer.results import Fit
+from mtl_jax.infer.nuts import run_nuts_backend
+from mtl_jax.infer.results import BackendResult, Fit
+from mtl_jax.infer.svi import run_svi_backend
 from mtl_jax.models.mixture_glmm import MixtureDesign
-
-
-class BackendResult(NamedTuple):
-    """What a backend hands back to :func:`fit`.
-
-    Attributes:
-        params: point estimate (EM estimate or posterior mean), per training task.
-        converged: backend-specific convergence flag.
-        n_iter: EM iterations, SVI steps or NUTS samples per chain.
-        trace: per-iteration objective (EM) or loss (SVI); may be empty.
-        draws: posterior draws by parameter field, leading axes ``[chain, draw]``.
-        diagnostics: anything else worth keeping (R-hat, ESS, restart scores).
-    """
-
-    params: Any
-    converged: bool
-    n_iter: int
-    trace: np.ndarray
-    draws: dict[str, np.ndarray] | None = None
-    diagnostics: dict[str, Any] = {}
+from mtl_jax.models.variance_components import variance_component_covariance, variance_component_names
 
 
 def run_em_backend(
@@ -72,7 +55,11 @@ def run_em_backend(
     )
 
 
-BACKENDS: dict[str, Callable[..., BackendResult]] = {"em": run_em_backend}
+BACKENDS: dict[str, Callable[..., BackendResult]] = {
+    "em": run_em_backend,
+    "svi": run_svi_backend,
+    "nuts": run_nuts_backend,
+}
 
 
 def fit(model, data: TaskData | MixtureDesign, method: str = "em", *, seed: int = 0, **options) -> Fit:
@@ -114,6 +101,12 @@ def fit(model, data: TaskData | MixtureDesign, method: str = "em", *, seed: int 
     params = jax.tree_util.tree_map(lambda leaf: jax.numpy.asarray(leaf, design.y.dtype), result.params)
     loglik = float(model.marginal_log_likelihood(params, design))
     bic = float(model.bic(loglik, design))
+    diagnostics = dict(result.diagnostics)
+    if method == "em" and (model.has_mixing_effects or model.component_random_effects):
+        covariance = np.asarray(variance_component_covariance(model, params, design))
+        names = variance_component_names(model, labels["response_names"])
+        diagnostics["variance_component_cov"] = covariance
+        diagnostics["variance_component_se"] = dict(zip(names, np.sqrt(np.diag(covariance)).tolist()))
     return Fit(
         model=model,
         method=method,
@@ -125,7 +118,7 @@ def fit(model, data: TaskData | MixtureDesign, method: str = "em", *, seed: int 
         trace=result.trace,
         num_obs=int(design.y.shape[0]),
         draws=result.draws,
-        diagnostics=dict(result.diagnostics),
+        diagnostics=diagnostics,
         timings={"fit": fitted - start, "score": time.perf_counter() - fitted},
         **labels,
     )

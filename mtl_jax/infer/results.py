@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +19,27 @@ import pandas as pd
 
 from mtl_jax.data import Schema, TaskData
 from mtl_jax.models.mixture_glmm import MixtureGLMM, MixtureParams
+
+
+class BackendResult(NamedTuple):
+    """What a backend hands back to :func:`fit`.
+
+    Attributes:
+        params: point estimate (EM estimate or posterior mean), per training task.
+        converged: backend-specific convergence flag.
+        n_iter: EM iterations, SVI steps or NUTS samples per chain.
+        trace: per-iteration objective (EM) or loss (SVI); may be empty.
+        draws: posterior draws by parameter field, leading axes ``[chain, draw]``.
+        diagnostics: anything else worth keeping (R-hat, ESS, restart scores).
+    """
+
+    params: Any
+    converged: bool
+    n_iter: int
+    trace: np.ndarray
+    draws: dict[str, np.ndarray] | None = None
+    diagnostics: dict[str, Any] = {}
+
 
 _MODELS = {"MixtureGLMM": (MixtureGLMM, MixtureParams)}
 _FORMAT = "mtl_jax.fit/1"
@@ -85,10 +106,19 @@ class Fit:
         return {"mixing": mixing, "component": component}
 
     def summary(self) -> pd.DataFrame:
-        """One row per population-level parameter: estimate, and posterior summaries for draws."""
+        """One row per population-level parameter.
+
+        EM fits give the estimate and, for the variance components, the asymptotic
+        standard error (paper, section 3); SVI and NUTS fits add arviz posterior
+        summaries of the draws (sd, HDI, ESS, R-hat).
+        """
         estimates = pd.Series(self.named_parameters(), name="estimate")
         if not self.draws:
-            return estimates.to_frame()
+            table = estimates.to_frame()
+            standard_errors = self.diagnostics.get("variance_component_se")
+            if standard_errors:
+                table["se"] = pd.Series(standard_errors)
+            return table
         import arviz as az
 
         labelled = self._labelled(MixtureParams(**self.draws), leading=2)

@@ -41,6 +41,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 from jax.scipy.linalg import cho_factor, cho_solve
 from jaxtyping import Array, Float, Int
@@ -169,6 +170,92 @@ class MixtureGLMM:
         """``L = L1 + L2`` (eq. 7), the function the EM algorithm maximises."""
         l1 = jax.nn.logsumexp(self.log_joint(params, design), axis=-1).sum()
         return l1 + self.random_effects_log_prior(params)
+
+    def numpyro_model(self, design: MixtureDesign, priors: MixturePriors | None = None) -> None:
+        r"""The model as a NumPyro program: priors, non-centred random effects, labels summed out.
+
+        The parameterisation is that of :class:`MixtureParams`; with ``s_c``, ``s_sd`` and
+        ``eta`` from ``priors`` (default :class:`MixturePriors`):
+
+        .. math::
+
+            v_{hc},\ W_{hck} \sim \mathcal N(0, s_c^2), \qquad
+            \sqrt{\lambda_h},\ \sqrt{\phi_{hk}},\ \sigma_{hk} \sim \operatorname{HalfCauchy}(s_{sd}),
+
+            \Sigma_h = \operatorname{diag}(\sigma_h)\, L_h L_h^T \operatorname{diag}(\sigma_h),
+            \qquad L_h \sim \operatorname{LKJCholesky}(p, \eta) \quad (p > 1;\ \Sigma_h = \sigma_h^2
+            \text{ for } p = 1),
+
+            A_{hi} = \sqrt{\lambda_h}\,\varepsilon^a_{ih}, \qquad
+            B_{hik} = \sqrt{\phi_{hk}}\,\varepsilon^b_{ihk}, \qquad
+            \varepsilon \sim \mathcal N(0, 1) \ \text{(non-centred)},
+
+            y_{ij} \sim \sum_h \pi_h(x^m_{ij}, A_i)\,
+            \mathcal N_p\big(W_h^T x^c_{ij} + B_{hi}, \Sigma_h\big).
+
+        The priors are on standard deviations (``var = sd**2``). The labels are summed out
+        by ``MixtureSameFamily`` (a logsumexp) over the logits and means that
+        :meth:`log_joint` uses, so the likelihood term is ``L1`` of :meth:`objective`.
+
+        Sampled sites: ``mixing_coef [g-1, q_m]`` (``g > 1``), ``component_coef
+        [g, q_c, p]``, ``component_scale [g, p]`` (``sigma``), ``component_corr_chol
+        [g, p, p]`` (``L``, ``p > 1``), ``mixing_effects_sd [g-1]`` and
+        ``component_effects_sd [g, p]`` (the random-effect sds), and under
+        ``plate("tasks", K)`` the standard normals ``mixing_effects_z [K, g-1]`` and
+        ``component_effects_z [K, g, p]``; ``y [n, p]`` is observed under
+        ``plate("obs", n)``. Every other :class:`MixtureParams` field is a deterministic
+        site of its own name and shape; the fields of a switched-off random-effect part
+        (and ``mixing_coef`` when ``g = 1``) are zeros, so every field is always present.
+
+        Args:
+            design: the data.
+            priors: prior scales; ``None`` for the defaults of :class:`MixturePriors`.
+        """
+        priors = MixturePriors() if priors is None else priors
+        g, K = self.num_components, design.num_tasks
+        p, q_comp, q_mix = design.y.shape[1], design.x_comp.shape[1], design.x_mix.shape[1]
+        dtype = design.y.dtype
+        coef_prior = dist.Normal(0.0, priors.coef_scale)
+        sd_prior = dist.HalfCauchy(priors.sd_scale)
+
+        if g > 1:
+            v = numpyro.sample("mixing_coef", coef_prior.expand((g - 1, q_mix)).to_event(2))
+        else:
+            v = numpyro.deterministic("mixing_coef", jnp.zeros((0, q_mix), dtype))
+        w = numpyro.sample("component_coef", coef_prior.expand((g, q_comp, p)).to_event(3))
+        scale = numpyro.sample("component_scale", sd_prior.expand((g, p)).to_event(2))
+        if p > 1:
+            corr_chol = numpyro.sample(
+                "component_corr_chol", dist.LKJCholesky(p, priors.lkj_concentration).expand((g,)).to_event(1)
+            )
+            chol = scale[:, :, None] * corr_chol
+        else:
+            chol = scale[:, :, None]
+        cov = numpyro.deterministic("component_cov", chol @ jnp.swapaxes(chol, 1, 2))
+
+        def random_effects(name, present, shape):
+            """``(var, effects [K, *shape])``: non-centred draws, or zeros when switched off."""
+            if present:
+                sd = numpyro.sample(f"{name}_effects_sd", sd_prior.expand(shape).to_event(len(shape)))
+                with numpyro.plate("tasks", K):
+                    unit = dist.Normal(0.0, 1.0).expand(shape).to_event(len(shape))
+                    z = numpyro.sample(f"{name}_effects_z", unit)
+                var, effects = sd**2, sd * z
+            else:
+                var, effects = jnp.zeros(shape, dtype), jnp.zeros((K,) + shape, dtype)
+            var = numpyro.deterministic(f"{name}_var", var)
+            return var, numpyro.deterministic(f"{name}_effects", effects)
+
+        mixing_var, a = random_effects("mixing", self.has_mixing_effects, (g - 1,))
+        component_var, b = random_effects("component", self.component_random_effects, (g, p))
+
+        params = MixtureParams(v, w, cov, mixing_var, component_var, a, b)
+        logits, means = _linear_predictors(params, design, a, b)
+        likelihood = dist.MixtureSameFamily(
+            dist.Categorical(logits=logits), dist.MultivariateNormal(means, scale_tril=chol)
+        )
+        with numpyro.plate("obs", design.y.shape[0]):
+            numpyro.sample("y", likelihood, obs=design.y)
 
     # ------------------------------------------------------------------- EM
     def em_step(
@@ -591,7 +678,18 @@ def _log_joint(logits, means, cov, y):
 
 
 def _mvn_logpdf(y, mean, cov):
-    return dist.MultivariateNormal(mean, covariance_matrix=cov).log_prob(y)
+    """``log N_p(y; mean_h, Sigma_h)`` for ``mean [..., g, p]``, ``cov [g, p, p]``.
+
+    Each ``Sigma_h`` is factorised once and the residuals whitened with the inverse
+    factor; a distribution object would broadcast ``Sigma`` to every observation and
+    factorise it ``n * g`` times.
+    """
+    chol = jnp.linalg.cholesky(cov)
+    inv_chol = jax.scipy.linalg.solve_triangular(chol, jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype),
+                                                                        cov.shape), lower=True)
+    white = jnp.einsum("gkl,...gl->...gk", inv_chol, y - mean)
+    half_logdet = jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)).sum(-1)
+    return -0.5 * (cov.shape[-1] * _LOG_2PI + jnp.sum(white**2, axis=-1)) - half_logdet
 
 
 def _normal_logpdf(x, var):
@@ -616,3 +714,22 @@ def _psd_inverse(matrix):
 
 def _psd_solve(matrix, rhs):
     return _psd_inverse(matrix) @ rhs
+
+
+@dataclasses.dataclass(frozen=True)
+class MixturePriors:
+    """Prior scales of :meth:`MixtureGLMM.numpyro_model`.
+
+    Attributes:
+        coef_scale: sd of the ``Normal(0, coef_scale)`` prior on every fixed-effect
+            coefficient (``v`` and ``W``).
+        sd_scale: scale of the ``HalfCauchy(sd_scale)`` prior on every standard
+            deviation: the random-effect sds ``sqrt(lambda_h)``, ``sqrt(phi_hk)`` and the
+            residual sds ``sqrt(Sigma_hkk)``.
+        lkj_concentration: ``eta`` of the ``LKJCholesky`` prior on the Cholesky factor of
+            each residual correlation matrix (``p > 1``; ``eta > 1`` favours weak correlation).
+    """
+
+    coef_scale: float = 5.0
+    sd_scale: float = 1.0
+    lkj_concentration: float = 2.0
