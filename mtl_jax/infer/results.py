@@ -194,8 +194,9 @@ class Fit:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Fit":
         """Inverse of :meth:`to_dict`."""
-        if data.get("format") != _FORMAT:
-            raise ValueError(f"not an mtl_jax fit file (format {data.get('format')!r}, expected {_FORMAT!r})")
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not an mtl_jax fit file (found {found!r}, expected format {_FORMAT!r})")
         config = dict(data["model"])
         model_cls, params_cls = _MODELS[config.pop("type")]
         for key, value in config.items():

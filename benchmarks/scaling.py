@@ -1,0 +1,132 @@
+"""Scaling of one multitask EM fit to many tasks and observations.
+
+::
+
+    python benchmarks/scaling.py --num-tasks 10000 --n 1000000 --components 2 --json scaling.json
+
+Generates a large design on the device (``x = (1, four N(0, 1))``, balanced or random
+task sizes, responses from ``MixtureGLMM(g)`` with the Table 1 parameters and random
+effects drawn from their distributions), fits it once by EM from one start, and reports
+compile and run time separately, seconds per EM iteration (the run time includes the
+final Laplace marginal log-likelihood), the iteration count, the log-likelihood, and the
+peak memory: the process's maximum resident set size and, where the device reports
+them, JAX's device memory statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pandas as pd
+
+from mtl_jax.experiments.simulation import table1_params
+from mtl_jax.experiments.table2 import resolve_dtype
+from mtl_jax.infer.em import em_fit
+from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM
+
+
+@functools.partial(jax.jit, static_argnames=("num_obs", "num_tasks", "num_components", "random_sizes", "dtype"))
+def generate(key, *, num_obs: int, num_tasks: int, num_components: int, random_sizes: bool, dtype) -> MixtureDesign:
+    """Draw a design of ``n = num_obs`` observations over ``K = num_tasks`` tasks.
+
+    Balanced: observation ``j`` belongs to task ``j mod K`` (sizes differ by at most
+    one). Random: each observation's task is uniform on ``0..K-1`` (multinomial sizes).
+    """
+    model = MixtureGLMM(num_components)
+    key_effects, key_x, key_task, key_y = jax.random.split(key, 4)
+    params = model.sample_effects(key_effects, table1_params(num_components, num_tasks, dtype=dtype), num_tasks)
+    x = jnp.concatenate([jnp.ones((num_obs, 1), dtype), jax.random.normal(key_x, (num_obs, 4), dtype)], axis=1)
+    if random_sizes:
+        task = jax.random.randint(key_task, (num_obs,), 0, num_tasks, dtype=jnp.int32)
+    else:
+        task = jnp.arange(num_obs, dtype=jnp.int32) % num_tasks
+    design = MixtureDesign(y=jnp.zeros((num_obs, 1), dtype), x_comp=x, x_mix=x, task=task, num_tasks=num_tasks)
+    _, y = model.simulate(key_y, params, design)
+    return MixtureDesign(y=y, x_comp=x, x_mix=x, task=task, num_tasks=num_tasks)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--json``; return the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-tasks", type=int, default=10_000)
+    parser.add_argument("--n", type=int, default=1_000_000, help="total observations")
+    parser.add_argument("--components", type=int, default=2, help="g, 2..8 (Table 1)")
+    parser.add_argument("--task-sizes", choices=("balanced", "random"), default="balanced")
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--tol", type=float, default=1e-8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--json", type=Path, default=Path("scaling.json"), help="output file")
+    args = parser.parse_args(argv)
+
+    dtype = resolve_dtype(args.dtype)
+    data_key, fit_key = jax.random.split(jax.random.key(args.seed))
+    start = time.perf_counter()
+    design = jax.block_until_ready(
+        generate(
+            data_key,
+            num_obs=args.n,
+            num_tasks=args.num_tasks,
+            num_components=args.components,
+            random_sizes=args.task_sizes == "random",
+            dtype=dtype,
+        )
+    )
+    generated = time.perf_counter()
+    model = MixtureGLMM(args.components)
+    compiled = em_fit.lower(model, design, fit_key, n_init=1, max_iter=args.max_iter, tol=args.tol).compile()
+    compiled_at = time.perf_counter()
+    result = jax.block_until_ready(compiled(design, fit_key))
+    run_seconds = time.perf_counter() - compiled_at
+    n_iter = int(result.n_iter)
+    output = {
+        "config": {**vars(args), "json": str(args.json)},
+        "dtype": str(dtype),
+        "generate_seconds": generated - start,
+        "compile_seconds": compiled_at - generated,
+        "run_seconds": run_seconds,
+        "iterations": n_iter,
+        "seconds_per_iteration": run_seconds / max(n_iter, 1),
+        "converged": bool(result.converged),
+        "loglik": float(result.loglik),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device_memory_stats": jax.devices()[0].memory_stats(),
+    }
+    table = format_table(output)
+    print(table)
+    output["table"] = table
+    args.json.write_text(json.dumps(output, indent=2))
+    print(f"results written to {args.json}")
+    return output
+
+
+def format_table(output: dict) -> str:
+    """The measurements as a two-column text table."""
+    config = output["config"]
+    rows = {
+        "design": f"n={config['n']:,} obs, K={config['num_tasks']:,} tasks ({config['task_sizes']}), "
+        f"g={config['components']}, {output['dtype']}",
+        "generate (s)": f"{output['generate_seconds']:.2f}",
+        "compile (s)": f"{output['compile_seconds']:.2f}",
+        "run (s)": f"{output['run_seconds']:.2f}",
+        "EM iterations": f"{output['iterations']} ({'converged' if output['converged'] else 'not converged'})",
+        "s / iteration": f"{output['seconds_per_iteration']:.4f}",
+        "log-likelihood": f"{output['loglik']:.2f}",
+        "peak RSS (MB)": f"{output['peak_rss_mb']:.0f}",
+    }
+    stats = output["device_memory_stats"]
+    if stats and "peak_bytes_in_use" in stats:
+        rows["device peak (MB)"] = f"{stats['peak_bytes_in_use'] / 2**20:.0f}"
+    return pd.Series(rows).to_string()
+
+
+if __name__ == "__main__":
+    main()

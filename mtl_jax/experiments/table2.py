@@ -1,0 +1,307 @@
+r"""The mixture-GLMM paper's simulation study (section 4, Table 2).
+
+For each number of components ``g``, ``R`` replicates of the Table 1 design are drawn
+(:func:`mtl_jax.experiments.simulation.simulate_study`) and two models are fitted by EM to
+every replicate in one jitted, vmapped call each:
+
+* ``"mtl"``: the multitask mixture GLMM, ``MixtureGLMM(g)`` (task random effects in the
+  mixing logits and in the component means);
+* ``"independence"``: the same mixture of regressions without random effects, i.e. the
+  tasks are ignored.
+
+Each fit is relabelled to the true components (:func:`mtl_jax.metrics.match_components` on
+``W``) and scored as in the paper: the average absolute bias of :math:`\hat v` (all
+``(g-1) x 5`` entries), :math:`\hat w` (``g x 5``) and :math:`\hat\sigma^2` (``g``), and
+the percentage of variance explained on the test set,
+:math:`100\,(1 - \sum (y - \hat y)^2 / \sum (y - \bar y)^2)`. The ``"oracle"`` row
+predicts the same test sets with the true parameters and the true task random effects:
+the ceiling any fit can reach. Because the intercepts of ``v`` and ``w`` share their level
+with the task random intercepts (only ``K = 10`` tasks), the bias of the slopes alone is
+reported as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from mtl_jax.experiments.simulation import SimulatedStudy, simulate_study
+from mtl_jax.infer.em import EMResult, em_fit
+from mtl_jax.metrics import explained_variance, match_components, mean_absolute_bias, mean_and_standard_error
+from mtl_jax.models.mixture_glmm import MixtureGLMM
+
+#: Table 2 of the paper: average absolute bias of (v, w, sigma^2) and test explained
+#: variance (%, mean and standard error over 10 replicates), by ``g`` and model.
+PAPER_TABLE2 = {
+    2: {
+        "independence": {"bias": (0.09, 0.09, 0.97), "explained_variance": (11.7, 1.9)},
+        "mtl": {"bias": (0.05, 0.05, 0.01), "explained_variance": (43.2, 3.0)},
+    },
+    4: {
+        "independence": {"bias": (0.28, 0.17, 0.60), "explained_variance": (36.2, 3.7)},
+        "mtl": {"bias": (0.09, 0.07, 0.03), "explained_variance": (51.1, 3.3)},
+    },
+    8: {
+        "independence": {"bias": (0.51, 0.24, 0.57), "explained_variance": (41.3, 2.0)},
+        "mtl": {"bias": (0.15, 0.10, 0.06), "explained_variance": (52.4, 1.5)},
+    },
+}
+
+#: Settings of the paper's study; any of them can be overridden in the config.
+DEFAULT_CONFIG = {
+    "experiment": "simulation_study",
+    "components": [2, 4, 8],
+    "replicates": 10,
+    "seed": 0,
+    "num_tasks": 10,
+    "n_per_task": 1000,
+    "n_init": 4,
+    "max_iter": 500,
+    "tol": 1e-8,
+    "dtype": None,
+}
+
+_BIASES = ("v", "w", "sigma2", "v_slopes", "w_slopes")
+
+#: Compiled replicate fits by (model, EM options, design shapes), reused by later studies
+#: of the same size in this process (``compile_seconds`` is then ~0).
+_COMPILED_FITS: dict[tuple, jax.stages.Compiled] = {}
+
+
+def study_models(num_components: int) -> dict[str, MixtureGLMM]:
+    """The two models of Table 2 for ``g`` components, by name."""
+    return {
+        "independence": MixtureGLMM(num_components, mixing_random_effects=False, component_random_effects=False),
+        "mtl": MixtureGLMM(num_components),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("num_components", "num_tasks", "n_per_task"))
+def simulate_replicates(keys: jax.Array, num_components: int, num_tasks: int, n_per_task: int) -> SimulatedStudy:
+    """Draw ``R`` replicates at once: every leaf gains a leading axis of size ``R = len(keys)``."""
+    return jax.vmap(lambda key: simulate_study(key, num_components, num_tasks, n_per_task))(keys)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "tol"))
+def fit_replicates(model, designs, keys: jax.Array, *, n_init: int, max_iter: int, tol: float) -> EMResult:
+    """:func:`mtl_jax.infer.em.em_fit` vmapped over replicate designs ``[R, ...]`` and keys ``[R]``.
+
+    All ``R x n_init`` EM runs share one ``lax.while_loop``, which stops when the slowest
+    of them does; each replicate still reports its own iteration count.
+    """
+    return jax.vmap(lambda design, key: em_fit(model, design, key, n_init=n_init, max_iter=max_iter, tol=tol))(
+        designs, keys
+    )
+
+
+def cast_floats(tree, dtype):
+    """Cast the floating-point leaves of ``tree`` to ``dtype`` (integer task ids stay)."""
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree
+    )
+
+
+def resolve_dtype(name: str | None):
+    """JAX float dtype for ``None`` (the default), ``"float32"`` or ``"float64"``.
+
+    ``"float64"`` switches on ``jax_enable_x64`` for the whole process.
+    """
+    if name is None:
+        return jnp.asarray(0.0).dtype
+    if name == "float64":
+        jax.config.update("jax_enable_x64", True)
+        return jnp.dtype(jnp.float64)
+    if name == "float32":
+        return jnp.dtype(jnp.float32)
+    raise ValueError(f"dtype must be None, 'float32' or 'float64', got {name!r}")
+
+
+def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
+    """Run the Table 2 simulation study and compare it with the paper.
+
+    Args:
+        config: overrides of :data:`DEFAULT_CONFIG`: ``components`` (list of ``g``),
+            ``replicates`` (``R``), ``seed``, ``num_tasks`` (``K``), ``n_per_task``,
+            EM settings ``n_init``, ``max_iter``, ``tol``, and ``dtype`` (``None`` for
+            JAX's default float, ``"float32"`` or ``"float64"``).
+        progress: print one line per fitted model and the final table.
+
+    Returns:
+        A JSON-serialisable dict: the resolved ``config``, the ``dtype`` used, the
+        ``paper`` numbers, ``results[str(g)][model]`` with ``mean``/``se`` summaries,
+        per-replicate values, convergence and timings for ``"independence"``, ``"mtl"``
+        and ``"oracle"`` (explained variance only), and the printed ``table``.
+
+    Raises:
+        ValueError: on an unknown config key or a bad ``dtype``.
+    """
+    unknown = set(config) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown simulation_study settings {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+    config = {**DEFAULT_CONFIG, **config}
+    dtype = resolve_dtype(config["dtype"])
+    num_replicates = int(config["replicates"])
+    root = jax.random.key(int(config["seed"]))
+    results = {}
+    for g in config["components"]:
+        g = int(g)
+        data_key, fit_key = jax.random.split(jax.random.fold_in(root, g))
+        studies = simulate_replicates(
+            jax.random.split(data_key, num_replicates), g, int(config["num_tasks"]), int(config["n_per_task"])
+        )
+        studies = cast_floats(studies, dtype)
+        fit_keys = jax.random.split(fit_key, num_replicates)
+        by_model = {}
+        for name, model in study_models(g).items():
+            fits, timing = _timed_fit(model, studies.train, fit_keys, config)
+            by_model[name] = {**_score(model, fits, studies), **timing}
+            if progress:
+                print(_progress_line(g, name, by_model[name], num_replicates), flush=True)
+        by_model["oracle"] = _score_oracle(g, studies)
+        results[str(g)] = by_model
+    output = {
+        "experiment": "simulation_study",
+        "config": config,
+        "dtype": str(dtype),
+        "paper": {
+            str(g): {name: {key: list(value) for key, value in reported.items()} for name, reported in models.items()}
+            for g, models in PAPER_TABLE2.items()
+        },
+        "results": results,
+    }
+    output["table"] = format_table(output).to_string(index=False)
+    if progress:
+        print(output["table"], flush=True)
+    return output
+
+
+def _timed_fit(model, designs, keys, config) -> tuple[EMResult, dict]:
+    """Compile (unless already compiled for these shapes), then run, the vmapped EM fit of all replicates."""
+    options = (int(config["n_init"]), int(config["max_iter"]), float(config["tol"]))
+    leaves, treedef = jax.tree_util.tree_flatten((designs, keys))
+    signature = (model, options, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    start = time.perf_counter()
+    if signature not in _COMPILED_FITS:
+        n_init, max_iter, tol = options
+        _COMPILED_FITS[signature] = fit_replicates.lower(
+            model, designs, keys, n_init=n_init, max_iter=max_iter, tol=tol
+        ).compile()
+    compiled_at = time.perf_counter()
+    fits = jax.block_until_ready(_COMPILED_FITS[signature](designs, keys))
+    fit_seconds = time.perf_counter() - compiled_at
+    n_iter = np.asarray(fits.n_iter)
+    return fits, {
+        "compile_seconds": compiled_at - start,
+        "fit_seconds": fit_seconds,
+        "seconds_per_replicate": fit_seconds / len(n_iter),
+        "seconds_per_iteration": fit_seconds / max(int(n_iter.sum()), 1),
+        "converged_fraction": float(np.mean(np.asarray(fits.converged))),
+        "mean_iterations": float(n_iter.mean()),
+    }
+
+
+def _score(model: MixtureGLMM, fits: EMResult, studies: SimulatedStudy) -> dict:
+    """Per-replicate biases after relabelling, and test explained variance, with summaries."""
+    predictions = np.asarray(jax.vmap(model.predict)(fits.params, studies.test))
+    test_y = np.asarray(studies.test.y)
+    per_replicate = {f"bias_{name}": [] for name in _BIASES}
+    per_replicate["explained_variance"] = []
+    for r in range(len(test_y)):
+        estimate = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[r]), fits.params)
+        truth = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[r]), studies.truth)
+        estimate = model.relabel(estimate, match_components(estimate.component_coef, truth.component_coef))
+        for name, value in _biases(estimate, truth).items():
+            per_replicate[f"bias_{name}"].append(value)
+        per_replicate["explained_variance"].append(explained_variance(test_y[r], predictions[r]))
+    per_replicate.update(
+        n_iter=np.asarray(fits.n_iter).tolist(),
+        converged=np.asarray(fits.converged).tolist(),
+        loglik=np.asarray(fits.loglik, dtype=float).tolist(),
+    )
+    return {
+        "bias": {name: _summary(per_replicate[f"bias_{name}"]) for name in _BIASES},
+        "explained_variance": _summary(per_replicate["explained_variance"]),
+        "per_replicate": per_replicate,
+    }
+
+
+def _biases(estimate, truth) -> dict[str, float]:
+    """Average absolute bias of ``v [g-1, q]``, ``w [g, q]``, ``sigma^2 [g]``, and of the slopes."""
+    v_hat, v = np.asarray(estimate.mixing_coef), np.asarray(truth.mixing_coef)
+    w_hat, w = np.asarray(estimate.component_coef)[..., 0], np.asarray(truth.component_coef)[..., 0]
+    sigma2_hat, sigma2 = np.asarray(estimate.component_cov)[:, 0, 0], np.asarray(truth.component_cov)[:, 0, 0]
+    return {
+        "v": mean_absolute_bias(v_hat, v),
+        "w": mean_absolute_bias(w_hat, w),
+        "sigma2": mean_absolute_bias(sigma2_hat, sigma2),
+        "v_slopes": mean_absolute_bias(v_hat[:, 1:], v[:, 1:]),
+        "w_slopes": mean_absolute_bias(w_hat[:, 1:], w[:, 1:]),
+    }
+
+
+def _score_oracle(num_components: int, studies: SimulatedStudy) -> dict:
+    """Test explained variance of the true parameters and true task random effects."""
+    predictions = np.asarray(jax.vmap(MixtureGLMM(num_components).predict)(studies.truth, studies.test))
+    test_y = np.asarray(studies.test.y)
+    values = [explained_variance(y, prediction) for y, prediction in zip(test_y, predictions)]
+    return {"explained_variance": _summary(values), "per_replicate": {"explained_variance": values}}
+
+
+def _summary(values) -> dict:
+    """``{"mean", "se"}`` over replicates; ``se`` is ``None`` for a single replicate."""
+    mean, se = mean_and_standard_error(values)
+    return {"mean": mean, "se": None if np.isnan(se) else se}
+
+
+def _progress_line(g: int, name: str, scores: dict, num_replicates: int) -> str:
+    return (
+        f"g={g} {name:>12}: compile {scores['compile_seconds']:.1f} s, fit {scores['fit_seconds']:.2f} s "
+        f"for {num_replicates} replicates ({scores['seconds_per_replicate']:.3f} s/fit, "
+        f"{1e3 * scores['seconds_per_iteration']:.2f} ms/iteration), "
+        f"converged {scores['converged_fraction']:.0%}, mean {scores['mean_iterations']:.0f} iterations, "
+        f"test EV {scores['explained_variance']['mean']:.1f}%"
+    )
+
+
+def _plus_minus(summary: dict | tuple) -> str:
+    """``"mean ± se"`` from a summary dict or a paper ``(mean, se)`` pair."""
+    mean, se = (summary["mean"], summary["se"]) if isinstance(summary, dict) else summary
+    return f"{mean:.1f}" if se is None else f"{mean:.1f} ± {se:.1f}"
+
+
+def format_table(output: dict) -> pd.DataFrame:
+    """Ours beside the paper's Table 2, one row per ``(g, model)``, plus the oracle ceiling.
+
+    Bias columns are means over replicates; ``bias v/w slopes`` leave out the intercepts,
+    whose level is shared with the task random intercepts.
+    """
+    rows = []
+    for g, by_model in output["results"].items():
+        paper = PAPER_TABLE2.get(int(g), {})
+        for name, scores in by_model.items():
+            bias = scores.get("bias", {})
+            reference = paper.get(name)
+            rows.append(
+                {
+                    "g": int(g),
+                    "model": name,
+                    **{f"bias {key.replace('_', ' ')}": _fmt(bias.get(key, {}).get("mean")) for key in _BIASES},
+                    "test EV %": _plus_minus(scores["explained_variance"]),
+                    "paper bias (v, w, s2)": "" if reference is None else "(%.2f, %.2f, %.2f)" % reference["bias"],
+                    "paper EV %": "" if reference is None else _plus_minus(reference["explained_variance"]),
+                    "converged": _fmt(scores.get("converged_fraction"), "{:.0%}"),
+                    "iterations": _fmt(scores.get("mean_iterations"), "{:.0f}"),
+                    "s/fit": _fmt(scores.get("seconds_per_replicate"), "{:.2f}"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _fmt(value, pattern: str = "{:.3f}") -> str:
+    return "" if value is None else pattern.format(value)
+

@@ -1,0 +1,76 @@
+"""Smoke runs of the benchmark scripts at tiny sizes: they run and write the expected JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    """Import ``benchmarks/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table2_script(tmp_path):
+    path = tmp_path / "table2.json"
+    # The sizes of tests/test_experiments_table2.py, so the compiled fits are reused.
+    load("table2").main(["--components", "2", "--replicates", "2", "--num-tasks", "4", "--n-per-task", "100",
+                         "--n-init", "2", "--max-iter", "200", "--json", str(path)])
+    results = json.loads(path.read_text())
+    assert results["config"]["n_per_task"] == 100
+    assert set(results["results"]["2"]) == {"independence", "mtl", "oracle"}
+    assert "paper EV %" in results["table"]
+
+
+def test_speed_script(tmp_path):
+    path = tmp_path / "speed.json"
+    load("speed").main(["--num-tasks", "3", "--n-per-task", "40", "--replicates", "2", "--n-init", "1",
+                        "--iterations", "5", "--repeats", "1", "--json", str(path)])
+    results = json.loads(path.read_text())
+    for key in ("single_fit", "vmapped_replicates", "looped_replicates"):
+        assert results[key]["seconds_per_iteration"] > 0
+    assert results["loop_over_vmap_time_ratio"] > 0
+    peer = results["numpy_peer"]
+    assert peer["iterations"] == 5
+    # Same algorithm, same start, same number of iterations: the same answer.
+    assert peer["max_abs_param_difference"] < 1e-6
+    lmm = results["statsmodels_lmm"]
+    if "skipped" not in lmm:
+        assert lmm["max_abs_fixed_effect_difference"] < 1e-3
+
+
+def test_statsmodels_row_is_skipped_without_statsmodels(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_statsmodels(name, *args, **kwargs):
+        if name.startswith("statsmodels"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_statsmodels)
+    assert "skipped" in load("speed")._statsmodels_peer(None, None, None)
+
+
+def test_scaling_script(tmp_path):
+    path = tmp_path / "scaling.json"
+    load("scaling").main(["--num-tasks", "20", "--n", "600", "--max-iter", "5", "--task-sizes", "random",
+                          "--json", str(path)])
+    results = json.loads(path.read_text())
+    assert results["iterations"] == 5 or results["converged"]
+    for key in ("compile_seconds", "run_seconds", "seconds_per_iteration", "peak_rss_mb"):
+        assert results[key] > 0
+    assert "device_memory_stats" in results and results["loglik"] < 0
+
+
+@pytest.mark.parametrize("name", ["table2", "speed", "scaling"])
+def test_scripts_reject_bad_flags(name):
+    with pytest.raises(SystemExit):
+        load(name).main(["--no-such-flag"])

@@ -1,0 +1,72 @@
+"""The Table 2 simulation study and the experiment registry, at a tiny size."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mtl_jax.experiments import EXPERIMENTS, run_experiment
+from mtl_jax.experiments.table2 import PAPER_TABLE2
+
+TINY = {
+    "experiment": "simulation_study",
+    "components": [2],
+    "replicates": 2,
+    "num_tasks": 4,
+    "n_per_task": 100,
+    "n_init": 2,
+    "max_iter": 200,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("results")
+    return run_experiment(TINY, progress=False, out_dir=out_dir), out_dir
+
+
+def test_results_have_the_paper_structure_and_are_json(tiny_study):
+    results, out_dir = tiny_study
+    assert json.loads(json.dumps(results)) == results
+    assert results["config"]["replicates"] == 2 and results["dtype"] == "float64"
+    assert set(results["results"]) == {"2"}
+    by_model = results["results"]["2"]
+    assert set(by_model) == {"independence", "mtl", "oracle"}
+    for name in ("independence", "mtl"):
+        scores = by_model[name]
+        assert set(scores["bias"]) == {"v", "w", "sigma2", "v_slopes", "w_slopes"}
+        for key in ("bias_v", "bias_w", "bias_sigma2", "explained_variance", "n_iter", "converged", "loglik"):
+            assert len(scores["per_replicate"][key]) == 2
+        assert 0.0 <= scores["converged_fraction"] <= 1.0
+        assert scores["fit_seconds"] > 0 and scores["seconds_per_iteration"] > 0
+    assert results["paper"]["2"]["mtl"]["explained_variance"] == list(PAPER_TABLE2[2]["mtl"]["explained_variance"])
+    table = results["table"]
+    assert "oracle" in table and "43.2 ± 3.0" in table and "bias w slopes" in table
+    assert (out_dir / "simulation_study.txt").read_text().strip() == table.strip()
+
+
+def test_biases_and_explained_variances_are_sane(tiny_study):
+    by_model = tiny_study[0]["results"]["2"]
+    for name in ("independence", "mtl"):
+        for key, values in by_model[name]["per_replicate"].items():
+            if key.startswith("bias_"):
+                assert np.all(np.isfinite(values)) and np.all(np.asarray(values) >= 0), key
+    mtl = np.asarray(by_model["mtl"]["per_replicate"]["explained_variance"])
+    independence = np.asarray(by_model["independence"]["per_replicate"]["explained_variance"])
+    oracle = np.asarray(by_model["oracle"]["per_replicate"]["explained_variance"])
+    assert np.all(oracle >= mtl - 3.0)
+    # Task random intercepts with variance 1 against residual variance 0.5: ignoring the
+    # tasks costs a large share of the explainable variance.
+    assert mtl.mean() > independence.mean() + 5.0
+    # Without random effects sigma^2 absorbs phi = 1 (the paper's bias 0.97 for g = 2).
+    assert by_model["independence"]["bias"]["sigma2"]["mean"] > 0.3 > by_model["mtl"]["bias"]["sigma2"]["mean"]
+
+
+def test_registry_dispatches_and_rejects_unknown_names():
+    assert set(EXPERIMENTS) >= {"simulation_study", "school_study"}
+    with pytest.raises(ValueError, match="unknown experiment"):
+        run_experiment({"experiment": "table9"})
+    with pytest.raises(ValueError, match="unknown experiment"):
+        run_experiment({"components": [2]})
+    with pytest.raises(ValueError, match="unknown simulation_study settings"):
+        run_experiment({**TINY, "replicate": 3})
