@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import resource
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import pandas as pd
 
+from mtl_jax.experiments import write_results
 from mtl_jax.experiments.simulation import table1_params
 from mtl_jax.experiments.table2 import resolve_dtype
 from mtl_jax.infer.em import em_fit
@@ -103,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table = format_table(output)
     print(table)
     output["table"] = table
-    args.json.write_text(json.dumps(output, indent=2))
-    print(f"results written to {args.json}")
+    write_results(output, args.json)
     return output
 
 

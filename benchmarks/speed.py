@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +39,14 @@ import pandas as pd
 from scipy.linalg import solve
 from scipy.special import log_softmax, logsumexp, softmax
 
+from mtl_jax.experiments import write_results
 from mtl_jax.experiments.simulation import TABLE1_W
-from mtl_jax.experiments.table2 import cast_floats, fit_replicates, resolve_dtype, simulate_replicates
+from mtl_jax.experiments.table2 import (
+    cast_floats,
+    fit_replicates,
+    resolve_dtype,
+    simulate_replicates,
+)
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
 
@@ -98,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table = format_table(output)
     print(table)
     output["table"] = table
-    args.json.write_text(json.dumps(output, indent=2))
-    print(f"results written to {args.json}")
+    write_results(output, args.json)
     return output
 
 

@@ -12,10 +12,10 @@ Prints one line per fitted model and the table of ours beside the paper's (see
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtl_jax.experiments import write_results
 from mtl_jax.experiments.table2 import DEFAULT_CONFIG, run_simulation_study
 
 
@@ -46,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "dtype": args.dtype,
         }
     )
-    args.json.write_text(json.dumps(results, indent=2))
-    print(f"results written to {args.json}")
+    write_results(results, args.json)
     return results
 
 

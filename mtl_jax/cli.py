@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -121,20 +119,9 @@ def _run(args: argparse.Namespace) -> None:
     config = yaml.safe_load(args.config.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{args.config} must hold a YAML mapping of settings")
-    from mtl_jax.experiments import run_experiment
+    from mtl_jax.experiments import run_experiment, write_results
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_experiment(config, progress=True, out_dir=str(args.out_dir))
-    path = args.out_dir / f"{args.config.stem}.json"
-    path.write_text(json.dumps(results, indent=2, default=_json_default))
-    print(f"results written to {path}")
-
-
-def _json_default(value):
-    """Converts numpy scalars and arrays left in experiment results to JSON values."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    write_results(run_experiment(config, progress=True), args.out_dir / f"{args.config.stem}.json")
 
 
 def _fit(args: argparse.Namespace) -> None:

@@ -7,33 +7,18 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from support import COVARIATES, simulated_frame
 
 import mtl_jax.experiments
 from mtl_jax import Fit
 from mtl_jax.cli import main
-from mtl_jax.experiments.simulation import simulate_study
 
-COVARIATES = ["x1", "x2", "x3", "x4"]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def simulated_frame() -> pd.DataFrame:
-    """Four tasks of 80 rows from the Table 1 simulator with g = 2, as a raw data frame."""
-    study = simulate_study(jax.random.key(0), 2, num_tasks=4, n_per_task=80)
-    x = np.asarray(study.train.x_comp)
-    return pd.DataFrame(
-        {
-            "task": [f"t{k}" for k in np.asarray(study.train.task)],
-            "y": np.asarray(study.train.y)[:, 0],
-            **{name: x[:, j + 1] for j, name in enumerate(COVARIATES)},
-        }
-    )
 
 
 def fit_args(csv: Path, out: Path, *extra: str) -> list[str]:
@@ -138,8 +123,8 @@ def test_missing_file_exits_2(tmp_path, capsys):
 def test_run_passes_config_and_writes_results(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_run_experiment(config, *, progress=True, out_dir=None):
-        calls.append((config, progress, out_dir))
+    def fake_run_experiment(config, *, progress=True):
+        calls.append((config, progress))
         return {"table": [[1.0, np.float32(2.0)]], "replicates": np.int64(3)}
 
     monkeypatch.setattr(mtl_jax.experiments, "run_experiment", fake_run_experiment, raising=False)
@@ -149,7 +134,7 @@ def test_run_passes_config_and_writes_results(tmp_path, monkeypatch, capsys):
     assert main(["run", str(config), "--out-dir", str(out_dir)]) == 0
 
     assert calls == [
-        ({"experiment": "simulation_study", "components": [2], "tol": 1e-8}, True, str(out_dir))
+        ({"experiment": "simulation_study", "components": [2], "tol": 1e-8}, True)
     ]
     written = json.loads((out_dir / "tiny.json").read_text())
     assert written == {"table": [[1.0, 2.0]], "replicates": 3}

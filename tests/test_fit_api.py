@@ -2,28 +2,12 @@
 
 import json
 
-import jax
 import numpy as np
 import pandas as pd
 import pytest
+from support import COVARIATES, simulated_frame
 
 from mtl_jax import DataError, Fit, MixtureGLMM, TaskData, fit
-from mtl_jax.experiments.simulation import simulate_study
-
-COVARIATES = ["x1", "x2", "x3", "x4"]
-
-
-def simulated_frame() -> pd.DataFrame:
-    """Four tasks of 80 rows from the Table 1 simulator with g = 2, as a raw data frame."""
-    study = simulate_study(jax.random.key(0), 2, num_tasks=4, n_per_task=80)
-    x = np.asarray(study.train.x_comp)
-    return pd.DataFrame(
-        {
-            "task": [f"t{k}" for k in np.asarray(study.train.task)],
-            "y": np.asarray(study.train.y)[:, 0],
-            **{name: x[:, j + 1] for j, name in enumerate(COVARIATES)},
-        }
-    )
 
 
 def encode(frame: pd.DataFrame, **kwargs) -> TaskData:

@@ -6,37 +6,17 @@ import numpy as np
 import pytest
 from numpyro.infer.util import log_density
 from scipy import stats
+from support import random_problem
 
 import mtl_jax
 from mtl_jax.experiments.simulation import simulate_study
 from mtl_jax.infer.nuts import relabel_draws
 from mtl_jax.infer.svi import site_values
-from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
-
-
-def random_problem(p, g=3, K=2, n=9, seed=0):
-    """Random parameters (variances away from zero) and data at a tiny size."""
-    rng = np.random.default_rng(seed)
-    x_comp = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
-    x_mix = np.column_stack([np.ones(n), rng.normal(size=n)])
-    root = rng.normal(size=(g, p, p))
-    params = MixtureParams(
-        mixing_coef=rng.normal(size=(g - 1, 2)),
-        component_coef=rng.normal(size=(g, 3, p)),
-        component_cov=root @ np.swapaxes(root, 1, 2) + np.eye(p),
-        mixing_var=rng.uniform(0.5, 2, size=g - 1),
-        component_var=rng.uniform(0.5, 2, size=(g, p)),
-        mixing_effects=rng.normal(size=(K, g - 1)),
-        component_effects=rng.normal(size=(K, g, p)),
-    )
-    design = MixtureDesign(
-        y=jnp.asarray(rng.normal(size=(n, p))),
-        x_comp=jnp.asarray(x_comp),
-        x_mix=jnp.asarray(x_mix),
-        task=jnp.asarray(np.arange(n) % K, dtype=jnp.int32),
-        num_tasks=K,
-    )
-    return MixtureParams(*map(jnp.asarray, params)), design
+from mtl_jax.models.mixture_glmm import (
+    MixtureGLMM,
+    MixtureParams,
+    MixturePriors,
+)
 
 
 def independent_log_prior(values, priors, p):

@@ -7,8 +7,11 @@ import pytest
 
 from mtl_jax.experiments.simulation import simulate_study
 from mtl_jax.infer.em import em_fit
-from mtl_jax.models.mixture_glmm import MixtureGLMM, MixtureParams
-from mtl_jax.models.variance_components import variance_component_covariance, variance_component_names
+from mtl_jax.models.mixture_glmm import MixtureGLMM
+from mtl_jax.models.variance_components import (
+    variance_component_covariance,
+    variance_component_names,
+)
 
 
 def dense_reml_covariance(model, params, design):

@@ -12,8 +12,11 @@ receives the whole config.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from mtl_jax.experiments.table2 import run_simulation_study
 
@@ -31,14 +34,12 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
 }
 
 
-def run_experiment(config: dict, *, progress: bool = True, out_dir: str | Path | None = None) -> dict:
+def run_experiment(config: dict, *, progress: bool = True) -> dict:
     """Run the experiment named by ``config["experiment"]`` and return its results.
 
     Args:
         config: ``{"experiment": name, **settings}``, passed whole to the experiment.
         progress: let the experiment print progress and its result table.
-        out_dir: when given and the results carry a printed ``"table"``, the table is
-            also saved as ``<out_dir>/<experiment>.txt`` (writing the JSON is the caller's job).
 
     Returns:
         The experiment's JSON-serialisable results.
@@ -49,7 +50,22 @@ def run_experiment(config: dict, *, progress: bool = True, out_dir: str | Path |
     name = config.get("experiment")
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
-    results = EXPERIMENTS[name](config, progress=progress)
-    if out_dir is not None and isinstance(results.get("table"), str):
-        Path(out_dir, f"{name}.txt").write_text(results["table"] + "\n")
-    return results
+    return EXPERIMENTS[name](config, progress=progress)
+
+
+def write_results(results: dict, path: str | Path) -> Path:
+    """Write experiment or benchmark results as indented JSON and say where.
+
+    NumPy scalars and arrays left in ``results`` are written as JSON numbers and lists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=_json_default))
+    print(f"results written to {path}")
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

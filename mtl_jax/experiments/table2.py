@@ -32,7 +32,12 @@ import pandas as pd
 
 from mtl_jax.experiments.simulation import SimulatedStudy, simulate_study
 from mtl_jax.infer.em import EMResult, em_fit
-from mtl_jax.metrics import explained_variance, match_components, mean_absolute_bias, mean_and_standard_error
+from mtl_jax.metrics import (
+    explained_variance,
+    match_components,
+    mean_absolute_bias,
+    mean_and_standard_error,
+)
 from mtl_jax.models.mixture_glmm import MixtureGLMM
 
 #: Table 2 of the paper: average absolute bias of (v, w, sigma^2) and test explained

@@ -20,7 +20,10 @@ from mtl_jax.infer.nuts import run_nuts_backend
 from mtl_jax.infer.results import BackendResult, Fit
 from mtl_jax.infer.svi import run_svi_backend
 from mtl_jax.models.mixture_glmm import MixtureDesign
-from mtl_jax.models.variance_components import variance_component_covariance, variance_component_names
+from mtl_jax.models.variance_components import (
+    variance_component_covariance,
+    variance_component_names,
+)
 
 
 def run_em_backend(

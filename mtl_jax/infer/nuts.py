@@ -25,7 +25,6 @@ from mtl_jax.infer.svi import site_values, starting_point
 from mtl_jax.metrics import match_components
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
 
-
 #: Fields whose R-hat and ESS are reported (the random effects are per task).
 POPULATION_FIELDS = ("mixing_coef", "component_coef", "component_cov", "mixing_var", "component_var")
 

@@ -26,7 +26,6 @@ from mtl_jax.infer.em import em_fit
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
 
-
 GUIDES = {"normal": AutoNormal, "map": AutoDelta, "lowrank": AutoLowRankMultivariateNormal}
 
 #: Smallest random-effect sd used when mapping an EM fit to the sampled sites: a variance

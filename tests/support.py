@@ -1,0 +1,49 @@
+"""Small problems shared by several test modules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from mtl_jax.experiments.simulation import simulate_study
+from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureParams
+
+COVARIATES = ["x1", "x2", "x3", "x4"]
+
+
+def random_problem(p, g=3, K=2, n=9, seed=0):
+    """Random parameters (variances away from zero) and data at a tiny size."""
+    rng = np.random.default_rng(seed)
+    x_comp = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
+    x_mix = np.column_stack([np.ones(n), rng.normal(size=n)])
+    root = rng.normal(size=(g, p, p))
+    params = MixtureParams(
+        mixing_coef=rng.normal(size=(g - 1, 2)),
+        component_coef=rng.normal(size=(g, 3, p)),
+        component_cov=root @ np.swapaxes(root, 1, 2) + np.eye(p),
+        mixing_var=rng.uniform(0.5, 2, size=g - 1),
+        component_var=rng.uniform(0.5, 2, size=(g, p)),
+        mixing_effects=rng.normal(size=(K, g - 1)),
+        component_effects=rng.normal(size=(K, g, p)),
+    )
+    design = MixtureDesign(
+        y=jnp.asarray(rng.normal(size=(n, p))),
+        x_comp=jnp.asarray(x_comp),
+        x_mix=jnp.asarray(x_mix),
+        task=jnp.asarray(np.arange(n) % K, dtype=jnp.int32),
+        num_tasks=K,
+    )
+    return MixtureParams(*map(jnp.asarray, params)), design
+
+
+def simulated_frame() -> pd.DataFrame:
+    """Four tasks of 80 rows from the Table 1 simulator with g = 2, as a raw data frame."""
+    study = simulate_study(jax.random.key(0), 2, num_tasks=4, n_per_task=80)
+    x = np.asarray(study.train.x_comp)
+    return pd.DataFrame(
+        {
+            "task": [f"t{k}" for k in np.asarray(study.train.task)],
+            "y": np.asarray(study.train.y)[:, 0],
+            **{name: x[:, j + 1] for j, name in enumerate(COVARIATES)},
+        }
+    )
