@@ -47,3 +47,10 @@ def simulated_frame() -> pd.DataFrame:
             **{name: x[:, j + 1] for j, name in enumerate(COVARIATES)},
         }
     )
+
+
+def set_cell(frame: pd.DataFrame, column: str, row, value) -> pd.DataFrame:
+    """Returns a copy of ``frame`` with one cell replaced."""
+    changed = frame.copy()
+    changed.loc[row, column] = value
+    return changed

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from support import set_cell
 
 from mtl_jax.data import (
     DATA_DIR_ENV,
@@ -167,13 +168,6 @@ def test_from_csv(frame, tmp_path):
     )
 
 
-def set_value(frame: pd.DataFrame, column: str, label: int, value) -> pd.DataFrame:
-    """Returns a copy of the frame with one cell replaced."""
-    changed = frame.copy()
-    changed.loc[label, column] = value
-    return changed
-
-
 @pytest.mark.parametrize(
     ("change", "kwargs", "message"),
     [
@@ -196,7 +190,7 @@ def set_value(frame: pd.DataFrame, column: str, label: int, value) -> pd.DataFra
 )
 def test_data_errors(frame, change, kwargs, message):
     if change is not None:
-        frame = set_value(frame, *change)
+        frame = set_cell(frame, *change)
     with pytest.raises(DataError, match=message):
         encode(frame, **kwargs)
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from support import COVARIATES, simulated_frame
+from support import COVARIATES, set_cell, simulated_frame
 
 from mtl_jax import DataError, Fit, MixtureGLMM, TaskData, fit
 
@@ -59,13 +59,6 @@ def test_bic_is_minus_two_loglik_plus_k_log_n(fitted):
     k = (g - 1) * q + g * q + g + (g - 1) + g  # v, w, sigma2, lambda, phi
     assert fitted.num_obs == n
     assert fitted.bic == pytest.approx(-2 * fitted.loglik + k * np.log(n), rel=1e-12)
-
-
-def set_cell(frame: pd.DataFrame, column: str, row: int, value) -> pd.DataFrame:
-    """Returns a copy of ``frame`` with one cell replaced."""
-    changed = frame.copy()
-    changed.loc[row, column] = value
-    return changed
 
 
 @pytest.mark.parametrize(

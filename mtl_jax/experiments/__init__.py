@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from mtl_jax.experiments.table2 import run_simulation_study
+from mtl_jax.infer.results import to_jsonable
 
 
 def _run_school_study(config: dict, *, progress: bool = True) -> dict:
@@ -60,12 +59,7 @@ def write_results(results: dict, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=_json_default))
+    path.write_text(json.dumps(to_jsonable(results), indent=2))
     print(f"results written to {path}")
     return path
 
-
-def _json_default(value):
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

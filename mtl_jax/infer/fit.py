@@ -55,6 +55,7 @@ def run_em_backend(
         n_iter=n_iter,
         trace=np.asarray(result.trace)[:n_iter],
         diagnostics={"restart_logliks": np.asarray(result.restart_logliks)},
+        loglik=float(result.loglik),
     )
 
 
@@ -102,7 +103,7 @@ def fit(model, data: TaskData | MixtureDesign, method: str = "em", *, seed: int 
     result = BACKENDS[method](model, design, jax.random.key(seed), **options)
     fitted = time.perf_counter()
     params = jax.tree_util.tree_map(lambda leaf: jax.numpy.asarray(leaf, design.y.dtype), result.params)
-    loglik = float(model.marginal_log_likelihood(params, design))
+    loglik = result.loglik if result.loglik is not None else float(model.marginal_log_likelihood(params, design))
     bic = float(model.bic(loglik, design))
     diagnostics = dict(result.diagnostics)
     if method == "em" and (model.has_mixing_effects or model.component_random_effects):

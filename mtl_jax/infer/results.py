@@ -31,6 +31,8 @@ class BackendResult(NamedTuple):
         trace: per-iteration objective (EM) or loss (SVI); may be empty.
         draws: posterior draws by parameter field, leading axes ``[chain, draw]``.
         diagnostics: anything else worth keeping (R-hat, ESS, restart scores).
+        loglik: marginal log-likelihood at ``params`` when the backend already has it
+            (EM ranks its restarts by it); ``None``: :func:`fit` computes it.
     """
 
     params: Any
@@ -39,6 +41,7 @@ class BackendResult(NamedTuple):
     trace: np.ndarray
     draws: dict[str, np.ndarray] | None = None
     diagnostics: dict[str, Any] = {}
+    loglik: float | None = None
 
 
 _MODELS = {"MixtureGLMM": (MixtureGLMM, MixtureParams)}
@@ -180,8 +183,8 @@ class Fit:
             "response_names": list(self.response_names),
             "schema": None if self.schema is None else self.schema.to_dict(),
             "trace": _tolist(self.trace),
-            "diagnostics": _jsonable(self.diagnostics),
-            "timings": _jsonable(self.timings),
+            "diagnostics": to_jsonable(self.diagnostics),
+            "timings": to_jsonable(self.timings),
         }
         if self.draws:
             out["draws"] = _typed_arrays(self.draws)
@@ -246,11 +249,12 @@ def _as_jax(params):
     return type(params)(*(jnp.asarray(leaf) for leaf in params))
 
 
-def _jsonable(value):
+def to_jsonable(value):
+    """Nested dicts, lists and NumPy/JAX arrays or scalars as plain JSON values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
         return np.asarray(value).tolist()
     return value
