@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import pandas as pd
 
 from mtl_jax.experiments import write_results
+from mtl_jax.experiments.common import compile_and_run, resolve_dtype
 from mtl_jax.experiments.simulation import table1_params
-from mtl_jax.experiments.table2 import resolve_dtype
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM
 
@@ -81,20 +81,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     )
     generated = time.perf_counter()
-    model = MixtureGLMM(args.components)
-    compiled = em_fit.lower(model, design, fit_key, n_init=1, max_iter=args.max_iter, tol=args.tol).compile()
-    compiled_at = time.perf_counter()
-    result = jax.block_until_ready(compiled(design, fit_key))
-    run_seconds = time.perf_counter() - compiled_at
+    static = dict(model=MixtureGLMM(args.components), n_init=1, max_iter=args.max_iter, tol=args.tol)
+    run = compile_and_run(em_fit, static=static, design=design, key=fit_key)
+    result = run.output
     n_iter = int(result.n_iter)
     output = {
         "config": {**vars(args), "json": str(args.json)},
         "dtype": str(dtype),
         "generate_seconds": generated - start,
-        "compile_seconds": compiled_at - generated,
-        "run_seconds": run_seconds,
+        **run.timing,
         "iterations": n_iter,
-        "seconds_per_iteration": run_seconds / max(n_iter, 1),
+        "seconds_per_iteration": run.run_seconds / max(n_iter, 1),
         "converged": bool(result.converged),
         "loglik": float(result.loglik),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

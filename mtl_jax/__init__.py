@@ -5,23 +5,28 @@ Public API::
     from mtl_jax import MixtureGLMM, TaskData, fit, Fit
     data = TaskData.from_csv("scores.csv", task="school", response="score", covariates=[...])
     result = fit(MixtureGLMM(num_components=2), data, method="em")   # or "svi", "nuts"
-    result.summary(); result.predict(new_frame); result.save("fit.json")
+    result.summary(); result.predict(new_frame); result.score(new_frame); result.save("fit.json")
 """
 
 from mtl_jax.data import DataError, TaskData, data_dir, train_test_split_by_task
-from mtl_jax.infer.fit import fit
+from mtl_jax.infer.fit import FitWarning, fit
 from mtl_jax.infer.results import Fit
-from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
+from mtl_jax.models import MODELS, model_class
+from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
 
 __all__ = [
+    "MODELS",
     "DataError",
     "Fit",
+    "FitWarning",
     "MixtureDesign",
     "MixtureGLMM",
     "MixtureParams",
+    "MixturePriors",
     "TaskData",
     "data_dir",
     "fit",
+    "model_class",
     "train_test_split_by_task",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

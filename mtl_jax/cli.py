@@ -1,35 +1,56 @@
-"""Command-line interface: ``mtl-jax run | fit | predict``.
+"""Command-line interface: ``mtl-jax run | fit | predict | score``.
 
 ::
 
     mtl-jax run configs/simulation_study.yaml [--out-dir results]
-    mtl-jax fit scores.csv --task school --response score --covariates x1 x2 \\
-        --components 2 --method em --out fit.json
+    mtl-jax fit scores.csv --model mixture-glmm --task school --response score \\
+        --covariates x1 x2 --components 2 --method em --out fit.json
     mtl-jax predict fit.json new_scores.csv --out predictions.csv
+    mtl-jax score fit.json new_scores.csv --out scores.csv
 
-``run`` executes a paper experiment described by a YAML file, ``fit`` fits a mixture GLMM
-to a CSV file and saves the :class:`mtl_jax.Fit` as JSON, and ``predict`` applies a saved
-fit to new rows. Bad input (missing files, invalid data, unknown options) ends with
-``mtl-jax: error: <message>`` on stderr and exit status 2.
+``run`` executes a paper experiment described by a YAML file; ``fit`` fits any
+registered model (``--model``, default ``mixture-glmm``; each model adds its own options)
+with any of its backends (``--method``) and saves the :class:`mtl_jax.Fit` as JSON
+(format ``mtl_jax.fit/2``); ``predict`` appends ``pred_<response>`` columns to new rows;
+``score`` appends ``loglik``, each row's natural-log predictive density. Rows of tasks not
+seen in training get population-level answers (their random effects integrated out).
+
+Every backend's options are listed by ``mtl-jax fit --help`` (from
+:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM ``--n-init --max-iter --tol``; SVI
+``--guide --num-steps --learning-rate --svi-samples``; NUTS ``--num-warmup --num-samples
+--num-chains --target-accept``. Unset options take the backend's defaults; an option of
+another backend than ``--method`` is an error. Problems of a fit (no convergence, a
+variance at its boundary, ...) are printed as ``warning: <problem>`` lines on stderr.
+
+Exit status: 0 on success; 2 on bad input (missing files, invalid data, unknown or
+misplaced options), after ``mtl-jax: error: <message>`` on stderr; 1 when the fit failed
+(a non-finite estimate, or an error inside the backend), after the same kind of message.
+A failed fit writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+import mtl_jax
 from mtl_jax.data import TaskData
-from mtl_jax.infer.fit import BACKENDS, fit
+from mtl_jax.infer.fit import BACKEND_OPTIONS, BACKENDS, FitWarning, fit
 from mtl_jax.infer.results import Fit
-from mtl_jax.models.mixture_glmm import MixtureGLMM
+from mtl_jax.models.protocol import MODELS, model_class, supports
 
 PROG = "mtl-jax"
+DEFAULT_MODEL = "mixture-glmm"
+
+
+class FitFailed(RuntimeError):
+    """The fit failed (non-finite estimate, or an error inside the backend); nothing was written."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,23 +63,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success.
 
     Raises:
-        SystemExit: With status 2 on bad arguments or bad input (missing file, invalid
-            data or YAML), after printing ``mtl-jax: error: <message>`` to stderr.
+        SystemExit: status 2 on bad arguments or bad input, status 1 when a fit failed;
+            both after ``mtl-jax: error: <message>`` on stderr.
     """
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(_model_name(argv))
     args = parser.parse_args(argv)
     try:
         args.command(args)
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as error:  # DataError is a ValueError
+    except FitFailed as error:
+        parser.exit(1, f"{PROG}: error: {error}\n")
+    except (ValueError, OSError, yaml.YAMLError) as error:  # DataError is a ValueError
         parser.exit(2, f"{PROG}: error: {error}\n")
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    """Builds the argument parser with its three subcommands."""
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Probabilistic multitask learning on JAX."
-    )
+def _model_name(argv: list[str]) -> str:
+    """The ``--model`` of a ``fit`` command line (its options depend on it)."""
+    pre = argparse.ArgumentParser(prog=PROG, add_help=False)
+    pre.add_argument("--model", default=DEFAULT_MODEL)
+    known, _ = pre.parse_known_args(argv)
+    return known.model
+
+
+def _parser(model_name: str) -> argparse.ArgumentParser:
+    """Builds the argument parser; ``fit`` carries the options of model ``model_name``."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Probabilistic multitask learning on JAX.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {mtl_jax.__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -71,46 +102,46 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command=_run)
 
     fit_ = commands.add_parser(
-        "fit", help="fit a mixture GLMM to a CSV file",
-        description="Fit a multitask mixture GLMM to a CSV file and save the fit as JSON.",
+        "fit", help="fit a model to a CSV file",
+        description="Fit a registered multitask model to a CSV file and save the fit as JSON.",
     )
     fit_.add_argument("data", type=Path, help="CSV file, one row per observation")
-    fit_.add_argument("--task", required=True, help="column holding the task labels")
-    fit_.add_argument("--response", required=True, nargs="+", metavar="COL",
-                      help="response column(s)")
-    fit_.add_argument("--covariates", required=True, nargs="+", metavar="COL",
-                      help="covariates of the component means")
-    fit_.add_argument("--mixing-covariates", nargs="+", metavar="COL",
-                      help="covariates of the mixing proportions (default: --covariates)")
-    fit_.add_argument("--categorical", nargs="+", default=[], metavar="COL",
+    fit_.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS) or [DEFAULT_MODEL],
+                      help=f"model family (default: {DEFAULT_MODEL})")
+    data = fit_.add_argument_group("data options (every model)")
+    data.add_argument("--task", required=True, help="column holding the task labels")
+    data.add_argument("--response", required=True, nargs="+", metavar="COL", help="response column(s)")
+    data.add_argument("--covariates", required=True, nargs="+", metavar="COL", help="covariate columns")
+    data.add_argument("--categorical", nargs="+", default=[], metavar="COL",
                       help="covariates to dummy-code (non-numeric columns always are)")
-    fit_.add_argument("--components", required=True, type=int, metavar="G",
-                      help="number of mixture components")
-    fit_.add_argument("--method", required=True, choices=sorted(BACKENDS),
-                      help="inference backend")
-    fit_.add_argument("--no-mixing-random-effects", dest="mixing_random_effects",
-                      action="store_false", help="drop the task effects in the mixing logits")
-    fit_.add_argument("--no-component-random-effects", dest="component_random_effects",
-                      action="store_false", help="drop the task effects in the component means")
-    fit_.add_argument("--no-standardize", dest="standardize", action="store_false",
+    data.add_argument("--no-standardize", dest="standardize", action="store_false",
                       help="use continuous covariates unscaled")
-    fit_.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
-    fit_.add_argument("--n-init", type=int, metavar="N",
-                      help="random restarts (default: the backend's)")
-    fit_.add_argument("--max-iter", type=int, metavar="N",
-                      help="iteration limit (default: the backend's)")
+    cls = model_class(model_name) if model_name in MODELS or model_name == DEFAULT_MODEL else None
+    if cls is not None:
+        cls.add_arguments(fit_)
+    inference = fit_.add_argument_group("inference options")
+    inference.add_argument("--method", required=True, choices=sorted(BACKENDS), help="inference backend")
+    inference.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
+    for method, flag, keyword, spec in _backend_flags():
+        extra = {key: value for key, value in spec.items() if key not in ("help", "dest")}
+        if "metavar" not in extra and "choices" not in extra:
+            extra["metavar"] = keyword.upper()
+        inference.add_argument(flag, dest=f"{method}:{keyword}", default=None,
+                               help=f"[{method}] {spec.get('help', '')}", **extra)
     fit_.add_argument("--out", required=True, type=Path, help="output JSON file")
     fit_.set_defaults(command=_fit)
 
-    predict = commands.add_parser(
-        "predict", help="predict new rows with a saved fit",
-        description="Append pred_<response> columns to a CSV file using a saved fit. "
-        "Tasks not seen in training get population-level predictions.",
-    )
-    predict.add_argument("fit", type=Path, help="JSON file written by 'mtl-jax fit'")
-    predict.add_argument("data", type=Path, help="CSV file with the task and covariate columns")
-    predict.add_argument("--out", required=True, type=Path, help="output CSV file")
-    predict.set_defaults(command=_predict)
+    for name, action, column in (("predict", _predict, "pred_<response>"), ("score", _score, "loglik")):
+        sub = commands.add_parser(
+            name, help=f"append {column} to new rows with a saved fit",
+            description=f"Append {column} column(s) to a CSV file using a saved fit. Tasks not seen in "
+            "training get population-level answers (their random effects integrated out).",
+        )
+        sub.add_argument("fit", type=Path, help="JSON file written by 'mtl-jax fit'")
+        sub.add_argument("data", type=Path, help="CSV file with the task and covariate columns"
+                         + (" and the response" if name == "score" else ""))
+        sub.add_argument("--out", required=True, type=Path, help="output CSV file")
+        sub.set_defaults(command=action)
     return parser
 
 
@@ -126,80 +157,93 @@ def _run(args: argparse.Namespace) -> None:
 
 def _fit(args: argparse.Namespace) -> None:
     """``mtl-jax fit``: encodes the CSV, fits, saves the JSON and prints a summary."""
-    mixing = args.mixing_covariates or args.covariates
-    sources = list(dict.fromkeys([*args.covariates, *mixing]))
-    data = TaskData.from_csv(
-        args.data,
-        task=args.task,
-        response=args.response,
-        covariates=sources,
-        categorical=args.categorical,
-        standardize=args.standardize,
-    )
-    model = MixtureGLMM(
-        num_components=args.components,
-        covariates=tuple(args.covariates),
-        mixing_covariates=tuple(mixing),
-        mixing_random_effects=args.mixing_random_effects,
-        component_random_effects=args.component_random_effects,
-    )
-    options = _backend_options(args)
+    options = _backend_options(args)  # check all that can be checked before the (long) fit
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"the directory of --out {args.out} does not exist")
+    model = model_class(args.model).from_arguments(args)
+    if not supports(model, args.method):
+        raise ValueError(f"model {args.model!r} has no method {args.method!r}; "
+                         f"choose one of {sorted(set(model.methods) & set(BACKENDS))}")
+    sources = list(dict.fromkeys([*args.covariates, *model.covariates_used()]))
+    data = TaskData.from_csv(args.data, task=args.task, response=args.response, covariates=sources,
+                             categorical=args.categorical, standardize=args.standardize)
     shown = ", ".join(f"{key}={value}" for key, value in options.items() if key != "progress")
-    print(
-        f"fitting a {args.components}-component mixture GLMM to {data.num_obs} rows in "
-        f"{data.num_tasks} tasks with {args.method.upper()}"
-        + (f" ({shown})" if shown else "")
-        + " ...",
-        flush=True,
-    )
-    result = fit(model, data, args.method, seed=args.seed, **options)
-    result.save(args.out)
-    print(
-        f"done in {result.timings['fit']:.1f} s: loglik {result.loglik:.4f}, "
-        f"BIC {result.bic:.4f}, converged {result.converged}, n_iter {result.n_iter}"
-    )
+    print(f"fitting {args.model} to {data.num_obs} rows in {data.num_tasks} tasks with {args.method.upper()}"
+          + (f" ({shown})" if shown else "") + " ...", flush=True)
+    with warnings.catch_warnings():  # printed below, once each
+        warnings.simplefilter("ignore", FitWarning)
+        try:
+            result = fit(model, data, args.method, seed=args.seed, **options)
+        except (ValueError, ArithmeticError) as error:  # the input was valid: the computation failed
+            raise FitFailed(f"the {args.method} fit failed ({type(error).__name__}: {error})") from None
+    for problem in result.warnings:
+        print(f"warning: {problem}", file=sys.stderr)
+    try:
+        result.save(args.out)
+    except ValueError as error:
+        raise FitFailed(str(error)) from None
+    print(f"done in {result.timings['fit']:.1f} s: loglik {result.loglik:.4f}, BIC {result.bic:.4f}, "
+          f"converged {result.converged}, n_iter {result.n_iter}")
     print(result.summary().to_string())
     print(f"fit written to {args.out}")
 
 
-def _backend_options(args: argparse.Namespace) -> dict:
-    """Backend keyword options from the command line, checked against its signature.
+def _backend_flags():
+    """``(method, flag, backend keyword, argparse keywords)`` of every backend option.
 
-    ``n_init`` and ``max_iter`` take the command-line value when given and otherwise the
-    backend's default (so that the progress line can show them); ``progress=True`` is
-    passed when the backend accepts it.
-
-    Raises:
-        ValueError: If an option was given that the backend does not accept.
+    Two backends may share a keyword (SVI's ``--svi-samples`` and NUTS's ``--num-samples``
+    both set ``num_samples``), so each flag gets its own destination ``"<method>:<keyword>"``;
+    the keywords of :data:`BACKEND_OPTIONS` are read, never changed.
     """
-    parameters = inspect.signature(BACKENDS[args.method]).parameters
-    options = {}
-    for name in ("n_init", "max_iter"):
-        value = getattr(args, name)
-        if name not in parameters:
-            if value is not None:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"method {args.method!r} does not take {flag}")
+    for method, specs in BACKEND_OPTIONS.items():
+        for flag, spec in specs:
+            yield method, flag, spec.get("dest", flag.lstrip("-").replace("-", "_")), spec
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    """The chosen backend's options given on the command line (another backend's is an error)."""
+    options, stray = {}, []
+    for method, flag, keyword, _ in _backend_flags():
+        value = getattr(args, f"{method}:{keyword}", None)
+        if value is None:
             continue
-        default = parameters[name].default
-        if value is not None:
-            options[name] = value
-        elif default is not inspect.Parameter.empty:
-            options[name] = default
-    if "progress" in parameters:
+        if method == args.method:
+            options[keyword] = value
+        else:
+            stray.append(f"{flag} (an option of {method!r})")
+    if stray:
+        raise ValueError(f"method {args.method!r} does not take {', '.join(stray)}")
+    if args.method in ("svi", "nuts"):
         options["progress"] = True
     return options
 
 
 def _predict(args: argparse.Namespace) -> None:
     """``mtl-jax predict``: writes the input rows plus ``pred_<response>`` columns."""
-    result = Fit.load(args.fit)
+    result = _load_fit(args.fit)
     frame = pd.read_csv(args.data)
-    predictions = result.predict(frame)
+    predictions = result.predict(frame).reshape(len(frame), -1)
     for k, name in enumerate(result.response_names):
         frame[f"pred_{name}"] = predictions[:, k]
     frame.to_csv(args.out, index=False)
     print(f"{len(frame)} predictions written to {args.out}")
+
+
+def _score(args: argparse.Namespace) -> None:
+    """``mtl-jax score``: writes the input rows plus ``loglik`` (natural log predictive density)."""
+    result = _load_fit(args.fit)
+    frame = pd.read_csv(args.data)
+    frame["loglik"] = result.score(frame)
+    frame.to_csv(args.out, index=False)
+    print(f"{len(frame)} rows scored (total loglik {frame['loglik'].sum():.4f}) and written to {args.out}")
+
+
+def _load_fit(path: Path) -> Fit:
+    """:meth:`Fit.load`, with a malformed fit file reported as bad input."""
+    try:
+        return Fit.load(path)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(f"{path} is not a valid mtl_jax fit file ({type(error).__name__}: {error})") from None
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ def random_problem(p, g=3, K=2, n=9, seed=0):
     x_comp = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
     x_mix = np.column_stack([np.ones(n), rng.normal(size=n)])
     root = rng.normal(size=(g, p, p))
+    lam_root = rng.normal(size=(g - 1, g - 1))
     params = MixtureParams(
         mixing_coef=rng.normal(size=(g - 1, 2)),
         component_coef=rng.normal(size=(g, 3, p)),
         component_cov=root @ np.swapaxes(root, 1, 2) + np.eye(p),
-        mixing_var=rng.uniform(0.5, 2, size=g - 1),
+        mixing_cov=lam_root @ lam_root.T + 0.5 * np.eye(g - 1),
         component_var=rng.uniform(0.5, 2, size=(g, p)),
         mixing_effects=rng.normal(size=(K, g - 1)),
         component_effects=rng.normal(size=(K, g, p)),

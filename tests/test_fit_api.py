@@ -97,3 +97,112 @@ def test_loading_a_json_that_is_not_a_fit_raises(tmp_path):
     path.write_text(json.dumps({"loglik": -1.0, "bic": 3.0}))
     with pytest.raises(ValueError, match=r"not an mtl_jax fit file"):
         Fit.load(path)
+
+
+# ----------------------------------------------------------------- issue-5 defects
+def lmm_frame(K=4, n_i=5000, noise=0.1, phi=0.2, seed=0):
+    """y = 3.5 + 0.7 x + b_i + N(0, noise^2), b_i ~ N(0, phi): the float32 failure case."""
+    rng = np.random.default_rng(seed)
+    task = np.repeat(np.arange(K), n_i)
+    x = rng.normal(size=K * n_i)
+    b = rng.normal(scale=np.sqrt(phi), size=K)
+    y = 3.5 + 0.7 * x + b[task] + rng.normal(scale=noise, size=K * n_i)
+    return pd.DataFrame({"task": [f"s{t}" for t in task], "x": x, "y": y})
+
+
+def as_float32(data: TaskData) -> TaskData:
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    return dataclasses.replace(data, X=data.X.astype(jnp.float32), y=data.y.astype(jnp.float32))
+
+
+def test_float32_lmm_with_dominant_task_information_matches_float64():
+    """Was: intercept ~404 and phi ~1.6e5 with converged=True in float32 (Schur cancellation)."""
+    data = TaskData.from_dataframe(lmm_frame(), task="task", response="y", covariates=["x"])
+    model = MixtureGLMM(1)
+    with pytest.warns(Warning):
+        r64 = fit(model, data, "em", n_init=1, max_iter=500)
+        r32 = fit(model, as_float32(data), "em", n_init=1, max_iter=500)
+    assert r32.params.component_coef.dtype == np.float32
+    assert r64.converged and r32.converged
+    est64, est32 = r64.named_parameters(), r32.named_parameters()
+    for name in ("w[1, intercept]", "w[1, x]", "sigma2[1]", "phi[1]"):
+        assert est32[name] == pytest.approx(est64[name], rel=1e-3), name
+    assert r32.loglik / r32.num_obs == pytest.approx(r64.loglik / r64.num_obs, rel=1e-3)
+    assert 3.0 < est64["w[1, intercept]"] < 4.2
+
+
+@pytest.mark.parametrize("mixing", [True, False])
+def test_linear_mixed_model_through_public_fit(frame, mixing):
+    """g = 1 with component effects (crashed in the variance-component covariance)."""
+    result = fit(MixtureGLMM(1, mixing_random_effects=mixing), encode(frame), "em", n_init=1)
+    assert result.converged
+    table = result.summary()
+    assert list(table.index) == ["w[1, intercept]"] + [f"w[1, {c}]" for c in COVARIATES] + ["sigma2[1]", "phi[1]"]
+    assert np.all(np.isfinite(table["se"])) and np.all(table["se"] > 0)
+
+
+def test_unseen_task_prediction_integrates_the_mixing_effect_out(fitted, frame):
+    """The population prediction averages softmax over a ~ N(0, lambda) (not softmax at a = 0)."""
+    rows = frame.iloc[:5].assign(task="new school")
+    got = fitted.predict(rows)[:, 0]
+    p = fitted.params
+    lam = float(p.mixing_cov[0, 0])
+    x = np.column_stack([np.ones(5), rows[COVARIATES].to_numpy()])
+    x = (x - np.r_[0, [s[1] for s in fitted.schema.standardized]]) / np.r_[1, [s[2] for s in fitted.schema.standardized]]
+    grid = np.linspace(-12, 12, 20001) * np.sqrt(lam)
+    weight = np.exp(-0.5 * grid**2 / lam)
+    weight /= weight.sum()
+    eta = x @ p.mixing_coef[0]
+    pi1 = (1 / (1 + np.exp(-(eta[:, None] + grid[None])))) @ weight
+    means = x @ p.component_coef[:, :, 0].T
+    want = pi1 * means[:, 0] + (1 - pi1) * means[:, 1]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plug_in = 1 / (1 + np.exp(-eta))
+    assert np.max(np.abs(want - (plug_in * means[:, 0] + (1 - plug_in) * means[:, 1]))) > 1e-3
+
+
+def test_predict_refuses_a_taskdata_encoded_with_another_schema(fitted, frame):
+    other = encode(frame.iloc[::2])  # standardised with other means and sds
+    with pytest.raises(ValueError, match="another schema"):
+        fitted.predict(other)
+    same = fitted.schema.transform(frame.iloc[::2])
+    np.testing.assert_array_equal(fitted.predict(same), fitted.predict(frame.iloc[::2]))
+
+
+def test_laplace_needs_its_mode_and_a_definite_hessian(fitted, frame):
+    from mtl_jax.models.mixture_glmm import likelihood
+
+    import jax.numpy as jnp
+
+    design = fitted.model.design(fitted.schema.transform(frame))
+    params = jax_params(fitted.params)
+    far = params._replace(component_effects=params.component_effects + 3.0)
+    value, ok = likelihood.laplace_log_marginal(far, design, use_mixing=True, use_component=True)
+    assert bool(ok) and float(value) == pytest.approx(fitted.loglik, rel=1e-9)  # step halving recovers the mode
+    _, ok = likelihood.laplace_log_marginal(far, design, use_mixing=True, use_component=True, newton_steps=0)
+    assert not bool(ok)
+    assert np.isnan(float(fitted.model.score(far._replace(component_cov=-jnp.ones_like(far.component_cov)), design)))
+
+
+def jax_params(params):
+    import jax
+
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def test_degenerate_data_warn_and_never_report_success(frame):
+    """A task with a constant response, too many components, too few tasks: warnings, no NaN saved."""
+    constant = frame.copy()
+    constant.loc[constant["task"] == "t0", "y"] = 1.0
+    result = fit(MixtureGLMM(2), encode(constant), "em", n_init=2, max_iter=200)
+    assert np.isfinite(result.loglik) and all(np.all(np.isfinite(v)) for v in result.params)
+    many = fit(MixtureGLMM(12), encode(frame.iloc[:120]), "em", n_init=1, max_iter=50)
+    assert not many.converged or any("empty" in w for w in many.warnings)
+    assert any("empty" in w or "converge" in w for w in many.warnings)
+    tiny = fit(MixtureGLMM(2), encode(frame.groupby("task").head(5).iloc[:10]), "em", n_init=2, max_iter=200)
+    assert any("tasks" in w for w in tiny.warnings)

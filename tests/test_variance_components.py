@@ -1,75 +1,181 @@
-"""Asymptotic covariance of the variance components against the dense brute force."""
+"""Standard errors of an EM fit against dense, independent references.
+
+* The general REML information ``1/2 tr(X dG_c X dG_d)`` computed in O(n + K) equals the
+  same formula evaluated on the dense inverse of the full Hessian of ``L`` (mixtures).
+* For the linear mixed model it equals the textbook expected REML information
+  ``1/2 tr(P V_c P V_d)`` built from the dense marginal covariance ``V`` (two responses, so
+  the off-diagonal entries between the two ``phi`` are exercised).
+* Fixed-effect covariances equal ``(X' V^-1 X)^-1`` for the LMM; residual-variance
+  standard errors equal the inverse observed information of the exact marginal
+  log-likelihood, by finite differences of a dense multivariate normal written here.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.linalg import block_diag
+from scipy.stats import multivariate_normal
+from support import random_problem
 
 from mtl_jax.experiments.simulation import simulate_study
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm import MixtureGLMM
-from mtl_jax.models.variance_components import (
-    variance_component_covariance,
-    variance_component_names,
+from mtl_jax.models.mixture_glmm.variance import (
+    fixed_and_variance_covariance,
+    residual_covariance_se,
+    variance_parameters,
 )
 
 
-def dense_reml_covariance(model, params, design):
-    """Form Pi = -Hessian of L over (v, W, a, b) densely, invert, and apply section 3 literally."""
-    g, K = model.num_components, design.num_tasks
+def dense_general_information(model, params, design):
+    """Pi = -Hessian of L over (v, W, a, b) densely; H = Pi^-1; 1/2 tr(X E_c X E_d) over all K tasks."""
+    K = design.num_tasks
+    g = model.num_components
+    p = params.component_coef.shape[-1]
     shapes = [params.mixing_coef.shape, params.component_coef.shape,
               params.mixing_effects.shape, params.component_effects.shape]
     sizes = [int(np.prod(s)) for s in shapes]
 
     def objective(flat):
-        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
-        v, w, a, b = (part.reshape(shape) for part, shape in zip(parts, shapes))
+        v, w, a, b = (part.reshape(shape) for part, shape in zip(jnp.split(flat, np.cumsum(sizes)[:-1]), shapes))
         return model.objective(params._replace(mixing_coef=v, component_coef=w, mixing_effects=a,
                                                component_effects=b), design)
 
     flat = jnp.concatenate([params.mixing_coef.ravel(), params.component_coef.ravel(),
                             params.mixing_effects.ravel(), params.component_effects.ravel()])
     keep = np.ones(flat.size, bool)
-    start_a, start_b = sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
+    start_a = sizes[0] + sizes[1]
+    start_b = start_a + sizes[2]
     if not model.has_mixing_effects:
         keep[start_a:start_b] = False
     if not model.component_random_effects:
         keep[start_b:] = False
-    pi = -np.asarray(jax.jit(jax.hessian(objective))(flat))[np.ix_(keep, keep)]
-    h = np.linalg.inv(pi)
-    index = np.cumsum(keep) - 1  # position in the kept vector
-    p = params.component_coef.shape[-1]
-    blocks, theta = [], []
+    h = np.linalg.inv(-np.asarray(jax.hessian(objective)(flat))[np.ix_(keep, keep)])
+    index = np.cumsum(keep) - 1
+    # per-task random coordinates in H, task-major: (a_i, b_i)
+    coords = []
+    for i in range(K):
+        rows = []
+        if model.has_mixing_effects:
+            rows += list(index[start_a + i * (g - 1) + np.arange(g - 1)])
+        if model.component_random_effects:
+            rows += list(index[start_b + i * g * p + np.arange(g * p)])
+        coords.append(rows)
+    order = np.concatenate(coords)
+    t = h[np.ix_(order, order)]  # posterior covariance of all random effects
+    blocks = []
     if model.has_mixing_effects:
-        for hh in range(g - 1):
-            blocks.append(index[start_a + np.arange(K) * (g - 1) + hh])
-            theta.append(float(params.mixing_var[hh]))
+        blocks.append(np.asarray(params.mixing_cov))
     if model.component_random_effects:
-        for hh in range(g):
-            for k in range(p):
-                blocks.append(index[start_b + np.arange(K) * g * p + hh * p + k])
-                theta.append(float(params.component_var[hh, k]))
-    c = len(blocks)
-    r = np.zeros((c, c))
-    for s in range(c):
-        for t in range(c):
-            hst = h[np.ix_(blocks[s], blocks[t])]
-            if s == t:
-                r[s, s] = np.trace(np.linalg.matrix_power(np.eye(K) - hst / theta[s], 2)) / theta[s] ** 2
-            else:
-                r[s, t] = np.trace(hst @ hst.T) / (theta[s] * theta[t])
-    return 2 * np.linalg.inv(r)
+        blocks.append(np.diag(np.asarray(params.component_var).ravel()))
+    g0 = np.block([[b if i == j else np.zeros((b.shape[0], c.shape[0])) for j, c in enumerate(blocks)]
+                   for i, b in enumerate(blocks)])
+    g_inv = np.linalg.inv(np.kron(np.eye(K), g0))
+    x = g_inv - g_inv @ t @ g_inv
+    r = g0.shape[0]
+    selectors = []
+    offset = g - 1 if model.has_mixing_effects else 0
+    for kind, (k, l) in variance_parameters(model, p):
+        e = np.zeros((r, r))
+        if kind == "lambda":
+            e[k, l] = e[l, k] = 1.0
+        else:
+            e[offset + k * p + l, offset + k * p + l] = 1.0
+        selectors.append(np.kron(np.eye(K), e))
+    return np.array([[0.5 * np.trace(x @ ec @ x @ ed) for ed in selectors] for ec in selectors])
 
 
-@pytest.mark.parametrize("effects", [(True, True), (True, False), (False, True)])
-def test_matches_dense_brute_force(effects):
-    study = simulate_study(jax.random.key(3), 2, num_tasks=5, n_per_task=40)
-    model = MixtureGLMM(2, mixing_random_effects=effects[0], component_random_effects=effects[1])
+@pytest.mark.parametrize("g, effects", [(2, (True, True)), (2, (True, False)), (2, (False, True)), (3, (True, True))])
+def test_variance_information_matches_dense_brute_force(g, effects):
+    study = simulate_study(jax.random.key(3), g, num_tasks=5, n_per_task=40)
+    model = MixtureGLMM(g, mixing_random_effects=effects[0], component_random_effects=effects[1])
     params = em_fit(model, study.train, jax.random.key(0), n_init=2, max_iter=200).params
-    got = np.asarray(variance_component_covariance(model, params, study.train))
-    want = dense_reml_covariance(model, params, study.train)
-    np.testing.assert_allclose(got, want, rtol=1e-8)
-    assert len(variance_component_names(model)) == got.shape[0]
-    assert np.all(np.linalg.eigvalsh(got) > 0)
+    _, _, cov = fixed_and_variance_covariance(model, params, study.train)
+    want = np.linalg.inv(dense_general_information(model, params, study.train))
+    np.testing.assert_allclose(np.asarray(cov), want, rtol=1e-7)
+    assert np.all(np.linalg.eigvalsh(np.asarray(cov)) > 0)
 
 
+def lmm_problem():
+    """g = 1, two responses, unbalanced tasks, at a parameter point (not a fit)."""
+    params, design = random_problem(p=2, g=1, K=4, n=22, seed=5)
+    params = params._replace(component_cov=jnp.asarray([[[1.0, 0.9], [0.9, 1.0]]]),
+                             component_var=jnp.asarray([[0.8, 1.5]]))  # strongly correlated responses
+    return MixtureGLMM(1), params, design
+
+
+def dense_marginal(params, design):
+    """Per-task y_i ~ N(X_i W, Sigma (x) I + 1 1' (x) diag(phi)): mean, covariance and design blocks."""
+    y, x, task = map(np.asarray, (design.y, design.x_comp, design.task))
+    w, sigma, phi = (np.asarray(a)[0] for a in (params.component_coef, params.component_cov, params.component_var))
+    out = []
+    for i in range(design.num_tasks):
+        rows = task == i
+        m = rows.sum()
+        v = np.kron(np.eye(m), sigma) + np.kron(np.ones((m, m)), np.diag(phi))
+        xi = np.kron(x[rows], np.eye(2))  # vec(y_i) row-major = (x_j (x) I_2) vec(W)
+        out.append((y[rows].ravel(), xi, v, m))
+    return out, w
+
+
+def test_lmm_variance_information_is_the_textbook_expected_reml_information():
+    model, params, design = lmm_problem()
+    _, _, cov = fixed_and_variance_covariance(model, params, design)
+    blocks, _ = dense_marginal(params, design)
+    vcs = [None, None]
+    v = block_diag(*[b[2] for b in blocks])
+    x = np.vstack([b[1] for b in blocks])
+    for k in range(2):
+        e = np.zeros((2, 2))
+        e[k, k] = 1.0
+        vcs[k] = block_diag(*[np.kron(np.ones((b[3], b[3])), e) for b in blocks])
+    v_inv = np.linalg.inv(v)
+    proj = v_inv - v_inv @ x @ np.linalg.inv(x.T @ v_inv @ x) @ x.T @ v_inv
+    info = np.array([[0.5 * np.trace(proj @ a @ proj @ b) for b in vcs] for a in vcs])
+    assert abs(info[0, 1]) > 1e-3 * abs(info[0, 0])  # the off-diagonal term matters here
+    np.testing.assert_allclose(np.asarray(cov), np.linalg.inv(info), rtol=1e-8)
+
+
+def test_lmm_fixed_effect_covariance_is_gls():
+    model, params, design = lmm_problem()
+    _, cov_w, _ = fixed_and_variance_covariance(model, params, design)
+    blocks, _ = dense_marginal(params, design)
+    gls = np.linalg.inv(sum(b[1].T @ np.linalg.inv(b[2]) @ b[1] for b in blocks))
+    q = design.x_comp.shape[1]
+    np.testing.assert_allclose(np.asarray(cov_w).reshape(q * 2, q * 2), gls, rtol=1e-8)
+
+
+def test_lmm_residual_se_is_the_inverse_observed_information_of_the_marginal():
+    model, params, design = lmm_problem()
+    sigma = np.asarray(params.component_cov)[0]
+    phi = np.asarray(params.component_var)[0]
+
+    def loglik(theta):  # theta = (S11, S12, S22, phi1, phi2)
+        s = np.array([[theta[0], theta[1]], [theta[1], theta[2]]])
+        moved = params._replace(component_cov=jnp.asarray(s)[None], component_var=jnp.asarray(theta[3:])[None])
+        blocks, _ = dense_marginal(moved, design)
+        w = np.asarray(params.component_coef)[0].ravel()
+        return sum(multivariate_normal(b[1] @ w, b[2]).logpdf(b[0]) for b in blocks)
+
+    theta = np.array([sigma[0, 0], sigma[0, 1], sigma[1, 1], phi[0], phi[1]])
+    step = 1e-4 * np.maximum(np.abs(theta), 0.1)
+    hess = np.zeros((5, 5))
+    for a in range(5):
+        for b in range(5):
+            ea, eb = np.eye(5)[a] * step[a], np.eye(5)[b] * step[b]
+            hess[a, b] = (loglik(theta + ea + eb) - loglik(theta + ea - eb) - loglik(theta - ea + eb)
+                          + loglik(theta - ea - eb)) / (4 * step[a] * step[b])
+    want = np.sqrt(np.diag(np.linalg.inv(-hess)))[:3]
+    got = np.asarray(residual_covariance_se(model, params, design))[0]
+    np.testing.assert_allclose([got[0, 0], got[0, 1], got[1, 1]], want, rtol=1e-4)
+
+
+def test_em_fit_reports_standard_errors_for_every_parameter():
+    from mtl_jax import fit
+
+    study = simulate_study(jax.random.key(3), 2, num_tasks=6, n_per_task=60)
+    result = fit(MixtureGLMM(2), study.train, "em", n_init=2, max_iter=300)
+    se = result.summary()["se"]
+    assert list(se.index) == list(result.named_parameters())
+    assert np.all(np.isfinite(se.to_numpy())) and np.all(se.to_numpy() > 0)

@@ -138,6 +138,15 @@ class Schema:
             intercept=bool(spec["intercept"]),
         )
 
+    def task_labels(self, frame: pd.DataFrame) -> tuple[str, ...]:
+        """Distinct task labels of ``frame`` in order of first appearance.
+
+        Raises:
+            DataError: If the task column is missing or has a missing value.
+        """
+        _require_columns(frame, (self.task,))
+        return tuple(pd.unique(_labels(frame, self.task, None)))
+
     def transform(
         self,
         frame: pd.DataFrame,

@@ -33,7 +33,6 @@ process): the relative EM tolerance of ``1e-8`` is below float32 resolution.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import jax
@@ -48,9 +47,17 @@ from mtl_jax.data import (
     load_ilea,
     train_test_split_by_task,
 )
-from mtl_jax.experiments.table2 import cast_floats, resolve_dtype
+from mtl_jax.experiments.common import (
+    cast_floats,
+    compile_and_run,
+    plus_minus,
+    resolve_dtype,
+    stack_trees,
+    summarize,
+    unstack_tree,
+)
 from mtl_jax.infer.em import EMResult, em_fit
-from mtl_jax.metrics import explained_variance, mean_and_standard_error
+from mtl_jax.metrics import explained_variance
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
 
 PAPER_TABLE3 = {
@@ -66,6 +73,9 @@ MODEL_DESCRIPTIONS = {
     "mtl_all": "student + school covariates, school random effects",
 }
 """One-line description of each model of the study."""
+
+_SIGN = "+-"
+"""Separator of mean and standard error in the (plain ASCII) progress lines and table."""
 
 DEFAULT_CONFIG = {
     "experiment": "school_study",
@@ -152,9 +162,9 @@ def run_school_study(config: dict[str, Any], *, progress: bool = True) -> dict[s
         ``lambda`` where the model has random effects: per-component means over splits
         and per-split values, components ordered as described in the module docstring),
         the per-split marginal ``loglik``, ``n_iter`` and ``converged`` of the best
-        restart, ``converged_fraction``, ``mean_iterations``, and ``compile_seconds``
-        and ``fit_seconds`` for all splits together; and the printed ``table``
-        (:func:`format_table`).
+        restart, ``converged_fraction``, ``mean_iterations``, and, for all splits
+        together, ``compile_seconds`` (tracing and compilation) and ``fit_seconds`` (the
+        compiled run alone); and the printed ``table`` (:func:`format_table`).
 
     Raises:
         ValueError: On an unknown config key, model name or dtype.
@@ -198,8 +208,8 @@ def run_school_study(config: dict[str, Any], *, progress: bool = True) -> dict[s
         if progress:
             ev = summary["explained_variance"]
             print(
-                f"{name}: EV {_plus_minus(ev['mean'], ev['se'])} % "
-                f"(paper {_plus_minus(*PAPER_TABLE3[name])}), "
+                f"{name}: EV {plus_minus(ev, sign=_SIGN)} % "
+                f"(paper {plus_minus(PAPER_TABLE3[name], sign=_SIGN)}), "
                 f"converged {sum(summary['converged'])}/{config['splits']}, "
                 f"{summary['mean_iterations']:.0f} iterations, "
                 f"compile {summary['compile_seconds']:.0f} s, fit {summary['fit_seconds']:.0f} s",
@@ -233,8 +243,8 @@ def format_table(results: dict[str, Any]) -> str:
         ev, paper = model["explained_variance"], model["paper"]
         converged = f"{sum(model['converged'])}/{len(model['converged'])}"
         lines.append(
-            f"{name:<14}{_plus_minus(ev['mean'], ev['se']):>14}"
-            f"{_plus_minus(paper['mean'], paper['se']):>15}{converged:>11}"
+            f"{name:<14}{plus_minus(ev, sign=_SIGN):>14}"
+            f"{plus_minus(paper, sign=_SIGN):>15}{converged:>11}"
             f"{model['mean_iterations']:>12.0f}{model['compile_seconds']:>11.0f}"
             f"{model['fit_seconds']:>8.0f}"
         )
@@ -284,34 +294,27 @@ def _study_model(
     Returns:
         The per-model entries of :func:`run_school_study` apart from description and paper.
     """
-    train = _stack([model.design(train) for train, _ in pairs])
-    test = _stack([model.design(test) for _, test in pairs])
-    options = dict(
-        n_init=int(config["n_init"]), max_iter=int(config["max_iter"]), tol=float(config["tol"])
+    train = stack_trees([model.design(train) for train, _ in pairs])
+    test = stack_trees([model.design(test) for _, test in pairs])
+    static = dict(
+        model=model, n_init=int(config["n_init"]), max_iter=int(config["max_iter"]), tol=float(config["tol"])
     )
-
-    start = time.perf_counter()
-    compiled = _fit_all_splits.lower(model, train, keys, **options).compile()
-    compiled_at = time.perf_counter()
-    fits = jax.block_until_ready(compiled(train, keys))
-    fitted_at = time.perf_counter()
+    run = compile_and_run(_fit_all_splits, static=static, designs=train, keys=keys)
+    fits = run.output
 
     predictions = jax.vmap(model.predict)(fits.params, test)
     explained = [
         explained_variance(y, prediction)
         for y, prediction in zip(np.asarray(test.y), np.asarray(predictions))
     ]
-    ev_mean, ev_se = mean_and_standard_error(explained)
-    if np.isnan(ev_se):  # a single split has no standard error
-        ev_se = None
     components = [
         _variance_components(model, _ordered_by_mean_score(model, params, design))
-        for params, design in zip(_unstack(fits.params), _unstack(train))
+        for params, design in zip(unstack_tree(fits.params), unstack_tree(train))
     ]
     converged = np.asarray(fits.converged)
     n_iter = np.asarray(fits.n_iter)
     return {
-        "explained_variance": {"mean": ev_mean, "se": ev_se, "per_split": explained},
+        "explained_variance": {**summarize(explained), "per_split": explained},
         "variance_components": {
             label: {
                 "mean": np.mean([split[label] for split in components], axis=0).tolist(),
@@ -324,25 +327,9 @@ def _study_model(
         "converged": converged.tolist(),
         "converged_fraction": float(converged.mean()),
         "mean_iterations": float(n_iter.mean()),
-        "compile_seconds": compiled_at - start,
-        "fit_seconds": fitted_at - compiled_at,
+        "compile_seconds": run.compile_seconds,
+        "fit_seconds": run.run_seconds,
     }
-
-
-def _plus_minus(mean: float, se: float | None) -> str:
-    """``"mean +- se"`` with one decimal, or just the mean when ``se`` is None."""
-    return f"{mean:.1f}" if se is None else f"{mean:.1f} +- {se:.1f}"
-
-
-def _stack(designs: list[MixtureDesign]) -> MixtureDesign:
-    """Stacks equally shaped designs along a new leading axis."""
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *designs)
-
-
-def _unstack(tree: Any) -> list[Any]:
-    """Splits a pytree with a leading axis into a list of pytrees."""
-    size = jax.tree_util.tree_leaves(tree)[0].shape[0]
-    return [jax.tree_util.tree_map(lambda leaf: leaf[i], tree) for i in range(size)]
 
 
 def _ordered_by_mean_score(
@@ -367,11 +354,11 @@ def _variance_components(model: MixtureGLMM, params: MixtureParams) -> dict[str,
 
     Returns:
         ``sigma2`` ``[g]``, plus ``phi`` ``[g]`` with component random effects and
-        ``lambda`` ``[g-1]`` with mixing random effects.
+        ``lambda`` ``[g-1]`` (the diagonal of ``Lambda``) with mixing random effects.
     """
     out = {"sigma2": np.asarray(params.component_cov[:, 0, 0])}
     if model.component_random_effects:
         out["phi"] = np.asarray(params.component_var[:, 0])
     if model.has_mixing_effects:
-        out["lambda"] = np.asarray(params.mixing_var)
+        out["lambda"] = np.diagonal(np.asarray(params.mixing_cov)).copy()
     return out

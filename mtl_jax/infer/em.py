@@ -1,9 +1,11 @@
-"""EM as a pure ``init`` / ``step`` loop inside ``lax.while_loop``.
+"""EM as a pure ``init`` / ``step`` loop inside ``lax.while_loop``, for any model.
 
 A model supplies ``init(key, design) -> params``, ``em_step(params, design) -> (params,
-objective_at_old_params)`` and ``marginal_log_likelihood(params, design)``. The whole fit,
-restarts included, is one jittable function of ``(design, key)``, so it vmaps over
-simulation replicates and shards over devices.
+objective_at_old_params)`` and ``score(params, design)`` (see
+:mod:`mtl_jax.models.protocol`). The whole fit, restarts included, is one jittable
+function of ``(design, key)``, so it vmaps over simulation replicates and shards over
+devices. The loop watches the model's objective, which must converge (not drift) at a
+boundary of the parameter space; a non-finite objective stops it without convergence.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+
+from mtl_jax.infer.results import BackendResult
 
 
 class EMState(NamedTuple):
@@ -43,23 +48,42 @@ class EMResult(NamedTuple):
     n_iter: Int[Array, ""]
     converged: Bool[Array, ""]
     restart_logliks: Float[Array, " n_init"]
+    restart_params: Any = None
 
 
-def run_em(step, params, *, max_iter: int, tol: float) -> EMState:
-    """Iterate ``params, objective = step(params)`` until the objective settles.
+def run_em(step, params, *, max_iter: int, tol: float, watch=None) -> EMState:
+    """Iterate ``params, objective = step(params)`` until both the objective and the parameters settle.
 
-    Converged when ``|L_c - L_{c-1}| <= tol * |L_{c-1}|``; stops at ``max_iter`` steps.
-    A non-finite objective stops the loop without convergence. ``tol`` is raised to
-    ``10 * eps`` of the parameters' dtype (about ``1.2e-6`` in float32): a smaller relative
-    change is below what the sum over observations resolves.
+    Converged when ``|L_c - L_{c-1}| <= tol * |L_{c-1}|`` and every watched leaf moved by
+    at most ``sqrt(tol)`` relative to its size, ``max|d theta| <= sqrt(tol) max|theta|``
+    (``watch(params)`` picks the leaves, e.g. the model's population-level parameters;
+    default all). The objective alone can stop too early in float32, where the change of
+    a sum over many rows drowns in rounding while a variance still moves; the parameter
+    test alone would never stop a variance creeping to its floor, whose relative change
+    per iteration is tiny but constant. ``tol`` is raised to ``10 * eps`` of the
+    parameters' dtype (about ``1.2e-6`` in float32). Stops at ``max_iter`` steps; a
+    non-finite objective or non-finite parameters stop the loop without convergence.
     """
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     tol = max(tol, 10 * float(jnp.finfo(dtype).eps))
+    param_tol = tol**0.5
+    watch = watch or (lambda tree: tree)
+
+    def moved(old, new):
+        """Largest relative change over the watched leaves."""
+        pairs = zip(jax.tree_util.tree_leaves(watch(old)), jax.tree_util.tree_leaves(watch(new)))
+        changes = [jnp.max(jnp.abs(b - a)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(dtype).tiny)
+                   for a, b in pairs if a.size]
+        return jnp.max(jnp.asarray(changes)) if changes else jnp.zeros((), dtype)
 
     def body(state: EMState) -> EMState:
         new_params, objective = step(state.params)
         change = jnp.abs(objective - state.previous)
-        converged = (state.iteration > 0) & (change <= tol * jnp.abs(state.previous))
+        finite = jnp.isfinite(objective) & jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(new_params)]))
+        settled = (change <= tol * jnp.abs(state.previous)) & (moved(state.params, new_params) <= param_tol)
+        converged = (state.iteration > 0) & settled & finite
+        objective = jnp.where(finite, objective, jnp.nan)
         return EMState(
             params=new_params,
             iteration=state.iteration + 1,
@@ -82,7 +106,7 @@ def run_em(step, params, *, max_iter: int, tol: float) -> EMState:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "n_init", "max_iter", "tol", "update_variance_components")
+    jax.jit, static_argnames=("model", "n_init", "max_iter", "tol")
 )
 def em_fit(
     model,
@@ -92,34 +116,29 @@ def em_fit(
     n_init: int = 4,
     max_iter: int = 500,
     tol: float = 1e-8,
-    update_variance_components: bool = True,
     init_params=None,
 ) -> EMResult:
     """Fit ``model`` by EM from ``n_init`` random starts (vmapped); keep the best.
 
     Args:
-        model: a static model description with ``init``, ``em_step`` and
-            ``marginal_log_likelihood``.
+        model: a static model description with ``init``, ``em_step`` and ``score``.
         design: the model's array pytree.
         key: PRNG key for the random starts.
         n_init: number of random restarts, run in parallel with ``vmap``.
         max_iter, tol: EM stopping rule (relative change of the objective).
-        update_variance_components: ``False`` holds the variance components at
-            their initial values.
         init_params: optional start; when given, it is used for every restart
             (``n_init`` is then best left at 1).
 
     Returns:
-        The restart with the largest marginal log-likelihood.
+        The restart with the largest score (non-finite scores never win); every
+        restart's end point is kept in ``restart_params``.
     """
 
     def one_start(start_key):
         params = model.init(start_key, design) if init_params is None else init_params
-        step = functools.partial(
-            model.em_step, design=design, update_variance_components=update_variance_components
-        )
-        state = run_em(step, params, max_iter=max_iter, tol=tol)
-        loglik = model.marginal_log_likelihood(state.params, design)
+        state = run_em(lambda prm: model.em_step(prm, design), params, max_iter=max_iter, tol=tol,
+                       watch=getattr(model, "population", None))
+        loglik = model.score(state.params, design)
         return state, loglik
 
     states, logliks = jax.vmap(one_start)(jax.random.split(key, n_init))
@@ -133,4 +152,28 @@ def em_fit(
         n_iter=state.iteration,
         converged=state.converged,
         restart_logliks=logliks,
+        restart_params=states.params,
     )
+
+
+def run_em_backend(model, design, key, *, n_init: int = 4, max_iter: int = 500, tol: float = 1e-8,
+                   init_params=None) -> BackendResult:
+    """EM through the model's ``init`` / ``em_step`` / ``score`` (see :func:`em_fit`)."""
+    result = em_fit(model, design, key, n_init=n_init, max_iter=max_iter, tol=tol, init_params=init_params)
+    n_iter = int(result.n_iter)
+    return BackendResult(
+        params=jax.tree_util.tree_map(np.asarray, result.params),
+        converged=bool(result.converged),
+        n_iter=n_iter,
+        trace=np.asarray(result.trace)[:n_iter],
+        diagnostics={"restart_logliks": np.asarray(result.restart_logliks)},
+        loglik=float(result.loglik),
+    )
+
+
+CLI_OPTIONS = (
+    ("--n-init", dict(type=int, metavar="N", help="EM random restarts (default 4)")),
+    ("--max-iter", dict(type=int, metavar="N", help="EM iteration limit (default 500)")),
+    ("--tol", dict(type=float, metavar="TOL", help="EM relative tolerance (default 1e-8, floored at 10 eps)")),
+)
+"""Command-line options of :func:`run_em_backend`."""

@@ -1,128 +1,115 @@
-"""``fit(model, data, method=...)``: one call, any backend, one :class:`Fit`.
+"""``fit(model, data, method=...)``: one call, any model, any backend, one :class:`Fit`.
 
-A backend is a function ``(model, design, key, **options) -> BackendResult``. The
-dispatcher encodes the data, times the backend, and scores the point estimate
-uniformly (marginal log-likelihood and BIC), so fits from EM, SVI and NUTS compare
-directly.
+A backend is a function ``(model, design, key, **options) -> BackendResult`` registered
+in :data:`BACKENDS` with its command-line options in :data:`BACKEND_OPTIONS`. The
+dispatcher checks that the model supports the method (its ``methods``), encodes the
+data through the model, times the backend, scores the point estimate uniformly (the
+model's ``score`` and BIC, so fits from EM, SVI and NUTS compare directly), adds the
+model's standard errors to point fits, and runs the model's checks: every problem is a
+:class:`FitWarning`, and a fit that is not numerically sound never says ``converged``.
 """
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.data import TaskData
-from mtl_jax.infer.em import em_fit
-from mtl_jax.infer.nuts import run_nuts_backend
-from mtl_jax.infer.results import BackendResult, Fit
-from mtl_jax.infer.svi import run_svi_backend
-from mtl_jax.models.mixture_glmm import MixtureDesign
-from mtl_jax.models.variance_components import (
-    variance_component_covariance,
-    variance_component_names,
-)
-
-
-def run_em_backend(
-    model,
-    design,
-    key,
-    *,
-    n_init: int = 4,
-    max_iter: int = 500,
-    tol: float = 1e-8,
-    update_variance_components: bool = True,
-    init_params=None,
-) -> BackendResult:
-    """EM with BLUP and approximate-REML variance components (see :func:`em_fit`)."""
-    result = em_fit(
-        model,
-        design,
-        key,
-        n_init=n_init,
-        max_iter=max_iter,
-        tol=tol,
-        update_variance_components=update_variance_components,
-        init_params=init_params,
-    )
-    n_iter = int(result.n_iter)
-    return BackendResult(
-        params=jax.tree_util.tree_map(np.asarray, result.params),
-        converged=bool(result.converged),
-        n_iter=n_iter,
-        trace=np.asarray(result.trace)[:n_iter],
-        diagnostics={"restart_logliks": np.asarray(result.restart_logliks)},
-        loglik=float(result.loglik),
-    )
-
+from mtl_jax.infer import em, nuts, svi
+from mtl_jax.infer.results import BackendResult, Fit, posterior_table
+from mtl_jax.models.protocol import supports
 
 BACKENDS: dict[str, Callable[..., BackendResult]] = {
-    "em": run_em_backend,
-    "svi": run_svi_backend,
-    "nuts": run_nuts_backend,
+    "em": em.run_em_backend,
+    "svi": svi.run_svi_backend,
+    "nuts": nuts.run_nuts_backend,
 }
+"""Backends by method name."""
+
+BACKEND_OPTIONS = {"em": em.CLI_OPTIONS, "svi": svi.CLI_OPTIONS, "nuts": nuts.CLI_OPTIONS}
+"""``(flag, argparse keywords)`` per backend option, for the command line."""
+
+#: R-hat (rank-normalised split, after relabelling) below which MCMC counts as converged.
+MAX_R_HAT = 1.05
 
 
-def fit(model, data: TaskData | MixtureDesign, method: str = "em", *, seed: int = 0, **options) -> Fit:
-    """Fit ``model`` to ``data`` with ``method`` in ``{"em", "svi", "nuts"}``.
+class FitWarning(UserWarning):
+    """A fitted model has a problem (no convergence, a variance at its boundary, ...)."""
+
+
+def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
+    """Fit ``model`` to ``data`` with ``method`` (one of the model's ``methods``).
 
     Args:
-        model: a model description such as :class:`mtl_jax.MixtureGLMM`.
+        model: a registered model description such as :class:`mtl_jax.MixtureGLMM`.
         data: a :class:`mtl_jax.data.TaskData` (or the model's raw design).
-        method: inference backend.
+        method: inference backend, e.g. ``"em"``, ``"svi"``, ``"nuts"``.
         seed: seed of the PRNG key (random starts, SVI noise, NUTS).
         **options: passed to the backend, e.g. ``n_init``, ``max_iter``, ``tol`` for EM.
 
     Returns:
-        A :class:`Fit`.
+        A :class:`Fit`; its ``warnings`` list every problem found (also issued as
+        :class:`FitWarning`).
+
+    Raises:
+        ValueError: for a method the model does not support.
     """
-    if method not in BACKENDS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(BACKENDS)}")
-    if isinstance(data, TaskData):
-        design = model.design(data)
-        labels = dict(
-            task_names=data.task_names,
-            component_columns=tuple(data.columns[i] for i in data.columns_for(model.covariates)),
-            mixing_columns=tuple(data.columns[i] for i in data.columns_for(model.mixing_covariates)),
-            response_names=data.response_names,
-            schema=data.schema,
-        )
-    else:
-        design = data
-        labels = dict(
-            task_names=tuple(str(i) for i in range(design.num_tasks)),
-            component_columns=tuple(f"x{i}" for i in range(design.x_comp.shape[1])),
-            mixing_columns=tuple(f"x{i}" for i in range(design.x_mix.shape[1])),
-            response_names=tuple(f"y{i}" for i in range(design.y.shape[1])),
-            schema=None,
-        )
+    if method not in BACKENDS or not supports(model, method):
+        offered = sorted(m for m in getattr(model, "methods", ()) if m in BACKENDS)
+        raise ValueError(f"unknown method {method!r} for model {getattr(model, 'name', model)!r}; "
+                         f"choose one of {offered}")
+    design = model.design(data)
+    labels = model.labels(data)
     start = time.perf_counter()
     result = BACKENDS[method](model, design, jax.random.key(seed), **options)
     fitted = time.perf_counter()
-    params = jax.tree_util.tree_map(lambda leaf: jax.numpy.asarray(leaf, design.y.dtype), result.params)
-    loglik = result.loglik if result.loglik is not None else float(model.marginal_log_likelihood(params, design))
-    bic = float(model.bic(loglik, design))
+    dtype = jax.tree_util.tree_leaves(design)[0].dtype
+    params = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), result.params)
+    loglik = result.loglik if result.loglik is not None else float(model.score(params, design))
+    num_obs = int(model.num_observations(design))
+    bic = -2.0 * loglik + model.num_parameters(design) * math.log(num_obs)
     diagnostics = dict(result.diagnostics)
-    if method == "em" and (model.has_mixing_effects or model.component_random_effects):
-        covariance = np.asarray(variance_component_covariance(model, params, design))
-        names = variance_component_names(model, labels["response_names"])
-        diagnostics["variance_component_cov"] = covariance
-        diagnostics["variance_component_se"] = dict(zip(names, np.sqrt(np.diag(covariance)).tolist()))
+    problems = []
+    if not result.converged:
+        problems.append(f"{method} did not converge (n_iter {result.n_iter})")
+    if not math.isfinite(loglik):
+        problems.append("the log-likelihood is not finite at the estimate (the Laplace mode was not reached or "
+                        "a task's Hessian is not negative definite)")
+    if hasattr(model, "check"):
+        problems += model.check(params, design, labels)
+    converged = bool(result.converged) and math.isfinite(loglik)
+    if result.draws is not None and not result.iid_draws:
+        r_hat = posterior_table(model, result.draws, labels, iid_draws=False)["r_hat"].to_numpy(dtype=float)
+        max_r_hat = float(np.nanmax(r_hat)) if np.isfinite(r_hat).any() else float("nan")
+        diagnostics["max_r_hat"] = max_r_hat
+        if not max_r_hat < MAX_R_HAT:
+            problems.append(f"max R-hat {max_r_hat:.3f} >= {MAX_R_HAT}: the chains have not mixed")
+        converged = converged and max_r_hat < MAX_R_HAT
+    if method == "em" and hasattr(model, "standard_errors") and converged:
+        diagnostics["standard_errors"] = model.standard_errors(params, design, labels)
+    scored = time.perf_counter()
+    for problem in problems:
+        warnings.warn(problem, FitWarning, stacklevel=2)
     return Fit(
         model=model,
         method=method,
         params=jax.tree_util.tree_map(np.asarray, params),
-        loglik=loglik,
-        bic=bic,
-        converged=result.converged,
+        loglik=float(loglik),
+        bic=float(bic),
+        converged=converged,
         n_iter=result.n_iter,
         trace=result.trace,
-        num_obs=int(design.y.shape[0]),
+        labels=labels,
+        schema=getattr(data, "schema", None),
+        num_obs=num_obs,
         draws=result.draws,
+        iid_draws=result.iid_draws,
         diagnostics=diagnostics,
-        timings={"fit": fitted - start, "score": time.perf_counter() - fitted},
-        **labels,
+        warnings=problems,
+        timings={"fit": fitted - start, "score": scored - fitted},
     )

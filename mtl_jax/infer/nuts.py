@@ -1,13 +1,12 @@
-r"""NUTS on a model's NumPyro program, with mixture components relabelled before diagnostics.
+r"""NUTS on a model's NumPyro program, chains started apart, draws aligned before diagnostics.
 
-Chains run vectorised (one XLA program for all chains) from an EM fit. A mixture
-posterior is invariant to permuting the components (up to the priors), so a chain may
-visit several labellings; summaries and R-hat are only meaningful once every draw is
-put in one labelling. Each draw is therefore matched to the EM estimate: the order
-minimising :math:`\sum_h \lVert W^{(s)}_{\text{order}[h]} - \hat W_h \rVert_1` (Hungarian
-algorithm, :func:`mtl_jax.metrics.match_components`), applied with
-:meth:`MixtureGLMM.relabel`. R-hat (split Gelman-Rubin) and the effective sample size
-are then computed per population-level parameter.
+Chains run vectorised (one XLA program for all chains). Chain ``c`` starts at EM restart
+``c`` (aligned to the best restart) plus a jitter of ``init_jitter`` standard normals in
+the unconstrained space, so that R-hat can see chains that end in different modes. A
+mixture posterior is invariant to permuting the components, so each draw is aligned to
+the best EM point (``model.align``) before anything is summarised; :func:`mtl_jax.fit`
+then computes R-hat and ESS on the aligned draws with the same arviz call as
+:meth:`mtl_jax.Fit.summary`, and ``converged`` is that R-hat below 1.05.
 """
 
 from __future__ import annotations
@@ -15,128 +14,112 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array
-from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
-from numpyro.infer.initialization import init_to_value
+from numpyro.infer.util import unconstrain_fn
 
 from mtl_jax.infer.results import BackendResult
-from mtl_jax.infer.svi import site_values, starting_point
-from mtl_jax.metrics import match_components
-from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
-
-#: Fields whose R-hat and ESS are reported (the random effects are per task).
-POPULATION_FIELDS = ("mixing_coef", "component_coef", "component_cov", "mixing_var", "component_var")
+from mtl_jax.infer.svi import align, align_draws, starting_points
 
 
-def relabel_draws(
-    model: MixtureGLMM, draws: MixtureParams, reference: MixtureParams
-) -> tuple[MixtureParams, int]:
-    """Put every draw's components in the order of ``reference``.
+def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.1, init_params=None):
+    """``(reference, starts)``: the alignment reference and each chain's start, unconstrained.
 
-    Args:
-        model: the model (its ``relabel`` permutes one parameter point).
-        draws: parameters with leading axes ``[chain, draw]``.
-        reference: one parameter point, e.g. the EM estimate.
+    Without ``init_params``, chain ``c`` starts at EM restart ``c`` aligned to the best one
+    (:func:`mtl_jax.infer.svi.starting_points`); ``init_params`` is one point for every
+    chain or a ``list`` of ``num_chains`` points (the first is then the reference and the
+    others are aligned to it). Each start is mapped to the program's sampled sites
+    (``model.site_values``), to the unconstrained space (``unconstrain_fn``), and moved by
+    ``init_jitter`` standard normals there.
 
     Returns:
-        The relabelled draws (numpy, same shapes) and how many draws needed a
-        non-identity order.
+        The reference point and a dict of unconstrained site values with a leading
+        ``[num_chains]`` axis (NUTS's ``init_params``).
+
+    Raises:
+        ValueError: for a list of starts whose length is not ``num_chains``, or a start
+            that is not finite in the unconstrained space.
     """
-    lead = draws.component_coef.shape[:2]
-    flat = jax.tree_util.tree_map(lambda leaf: jnp.reshape(leaf, (-1,) + leaf.shape[2:]), draws)
-    coef = np.asarray(flat.component_coef)
-    orders = np.stack([match_components(draw, reference.component_coef) for draw in coef])
-    relabelled = jax.vmap(model.relabel)(flat, jnp.asarray(orders))
-    permuted = int(np.sum(np.any(orders != np.arange(orders.shape[1]), axis=1)))
-    restored = jax.tree_util.tree_map(
-        lambda leaf: np.asarray(leaf).reshape(lead + leaf.shape[1:]), relabelled
-    )
-    return restored, permuted
-
-
-def convergence_diagnostics(draws: MixtureParams) -> dict[str, dict[str, np.ndarray]]:
-    """Split R-hat and ESS of each population-level field, from ``[chain, draw, ...]`` draws.
-
-    Fields that are empty or constant (switched-off random-effect parts are zeros in every
-    draw) have no R-hat and are left out.
-    """
-    r_hat, ess = {}, {}
-    for field in POPULATION_FIELDS:
-        values = np.asarray(getattr(draws, field))
-        if values.size == 0 or np.ptp(values) == 0:
-            continue
-        r_hat[field] = np.asarray(split_gelman_rubin(values))
-        ess[field] = np.asarray(effective_sample_size(values))
-    return {"r_hat": r_hat, "ess": ess}
+    key_start, key_jitter = jax.random.split(key)
+    if isinstance(init_params, list):
+        if len(init_params) != num_chains:
+            raise ValueError(f"init_params has {len(init_params)} starts for {num_chains} chains")
+        reference, _ = starting_points(model, design, key_start, init_params[0])
+        starts = [reference] + [align(model, starting_points(model, design, key_start, point)[0], reference)
+                                for point in init_params[1:]]
+    else:
+        reference, starts = starting_points(model, design, key_start, init_params, num=num_chains)
+    program = model.numpyro_model
+    unconstrained = [unconstrain_fn(program, (design,), {}, model.site_values(start)) for start in starts]
+    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *unconstrained)
+    leaves, treedef = jax.tree_util.tree_flatten(stacked)
+    noise_keys = jax.random.split(key_jitter, len(leaves))
+    jittered = [leaf + init_jitter * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, noise_keys)]
+    bad = [name for name, value in zip(sorted(stacked), jittered) if not bool(jnp.all(jnp.isfinite(value)))]
+    if bad:
+        raise ValueError(f"a chain's start is not finite in the unconstrained space at site(s) {bad}")
+    return reference, jax.tree_util.tree_unflatten(treedef, jittered)
 
 
 def run_nuts_backend(
-    model: MixtureGLMM,
-    design: MixtureDesign,
-    key: Array,
+    model,
+    design,
+    key,
     *,
     num_warmup: int = 500,
     num_samples: int = 500,
-    num_chains: int = 2,
-    init_params: MixtureParams | None = None,
+    num_chains: int = 4,
     target_accept: float = 0.8,
+    init_jitter: float = 0.1,
+    init_params=None,
     progress: bool = False,
 ) -> BackendResult:
-    """NUTS from an EM fit; draws relabelled to the EM estimate; R-hat and ESS.
+    """NUTS from dispersed starts; draws aligned to the best EM point.
 
     Args:
-        model: the model description; its ``numpyro_model`` is the program sampled.
+        model: the model; its ``numpyro_model``, ``site_values``, ``from_sites`` and
+            ``param_sites`` are used.
         design: the data.
-        key: PRNG key (EM starts and the chains).
+        key: PRNG key (EM starts, jitter, the chains).
         num_warmup: adaptation steps per chain (step size, diagonal mass matrix).
         num_samples: kept draws per chain.
         num_chains: chains, vectorised.
-        init_params: starting point of every chain and the relabelling reference;
-            ``None`` runs :func:`mtl_jax.infer.em.em_fit` with two starts.
         target_accept: NUTS target acceptance probability.
+        init_jitter: sd of the normal jitter added to each chain's start (unconstrained).
+        init_params: one starting point for every chain (then only the jitter disperses
+            them), or a ``list`` of one point per chain (the first is the alignment
+            reference); see :func:`chain_starts`.
         progress: show NumPyro's progress bar.
 
     Returns:
-        Posterior means of the relabelled draws as ``params``; the relabelled draws
-        ``[num_chains, num_samples, ...]``; ``diagnostics`` with ``r_hat`` and ``ess``
-        (per population-level field), ``max_r_hat``, ``min_ess``, ``num_divergences``
-        and ``relabelled_draws`` (draws whose components were permuted);
-        ``converged = max_r_hat < 1.05``; ``n_iter = num_samples``; an empty trace.
+        Posterior means of the aligned draws as ``params``; the draws
+        ``[num_chains, num_samples, ...]``; ``diagnostics`` with ``num_divergences``;
+        ``converged`` only says the sampler ran (:func:`mtl_jax.fit` adds the R-hat
+        check); ``n_iter = num_samples``; an empty trace.
     """
-
     key_start, key_chains = jax.random.split(key)
-    reference = starting_point(model, design, key_start, init_params)
-    kernel = NUTS(
-        model.numpyro_model,
-        target_accept_prob=target_accept,
-        init_strategy=init_to_value(values=site_values(model, reference)),
-    )
-    mcmc = MCMC(
-        kernel,
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        chain_method="vectorized",
-        progress_bar=progress,
-    )
-    mcmc.run(key_chains, design, extra_fields=("diverging",))
+    reference, init = chain_starts(model, design, key_start, num_chains=num_chains, init_jitter=init_jitter,
+                                   init_params=init_params)
+    kernel = NUTS(model.numpyro_model, target_accept_prob=target_accept)
+    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
+                chain_method="vectorized", progress_bar=progress)
+    mcmc.run(key_chains, design, init_params=init, extra_fields=("diverging",))
     samples = mcmc.get_samples(group_by_chain=True)
-    raw = MixtureParams(**{field: samples[field] for field in MixtureParams._fields})
-    draws, permuted = relabel_draws(model, raw, reference)
-    diagnostics = convergence_diagnostics(draws)
-    max_r_hat = float(np.max(np.concatenate([np.ravel(v) for v in diagnostics["r_hat"].values()])))
-    diagnostics.update(
-        max_r_hat=max_r_hat,
-        min_ess=float(np.min(np.concatenate([np.ravel(v) for v in diagnostics["ess"].values()]))),
-        num_divergences=int(np.sum(mcmc.get_extra_fields()["diverging"])),
-        relabelled_draws=permuted,
-    )
+    raw = model.from_sites({name: samples[name] for name in model.param_sites()})
+    draws = align_draws(model, jax.tree_util.tree_map(np.asarray, raw), reference)
     return BackendResult(
-        params=MixtureParams(*(leaf.mean(axis=(0, 1)) for leaf in draws)),
-        converged=bool(max_r_hat < 1.05),
+        params=jax.tree_util.tree_map(lambda leaf: leaf.mean(axis=(0, 1)), draws),
+        converged=True,
         n_iter=num_samples,
         trace=np.zeros(0),
-        draws=draws._asdict(),
-        diagnostics=diagnostics,
+        draws=draws,
+        diagnostics={"num_divergences": int(np.sum(mcmc.get_extra_fields()["diverging"]))},
     )
+
+
+CLI_OPTIONS = (
+    ("--num-warmup", dict(type=int, metavar="N", help="NUTS warm-up steps per chain (default 500)")),
+    ("--num-samples", dict(type=int, metavar="N", help="NUTS draws per chain (default 500)")),
+    ("--num-chains", dict(type=int, metavar="N", help="NUTS chains (default 4)")),
+    ("--target-accept", dict(type=float, metavar="P", help="NUTS target acceptance (default 0.8)")),
+)
+"""Command-line options of :func:`run_nuts_backend`."""

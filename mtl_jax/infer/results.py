@@ -1,51 +1,62 @@
-"""One result type for every inference backend: :class:`Fit`.
+"""One result type for every model and inference backend: :class:`Fit`.
 
-A ``Fit`` holds the point estimate (EM: the BLUP/REML estimates; SVI and NUTS: posterior
-means), the draws where the backend has any, the marginal log-likelihood and BIC at the
-point estimate, convergence information, timings and the data schema needed to encode
-new data. It saves to JSON (no pickle) and loads back bit-for-bit.
+A ``Fit`` holds the model, the point estimate (EM/MAP estimate or posterior mean) as the
+model's parameter pytree, posterior draws where the backend has any (the same pytree
+with leading ``[chain, draw]`` axes), the score (marginal log-likelihood) and BIC at the
+point estimate, convergence information, warnings, timings, the model's labels (task,
+column and response names) and the data schema needed to encode new data. It knows no
+model: everything model-specific goes through the protocol of
+:mod:`mtl_jax.models.protocol`.
+
+Saved fits are plain JSON (no pickle): every parameter leaf is stored under its pytree key
+path with its dtype and shape, and rebuilt on load into the structure the model gives
+(:meth:`params_like`), so any pytree, nested equinox modules included, round-trips bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from mtl_jax.data import Schema, TaskData
-from mtl_jax.models.mixture_glmm import MixtureGLMM, MixtureParams
+from mtl_jax.models.protocol import model_config, model_from_config
 
 
 class BackendResult(NamedTuple):
-    """What a backend hands back to :func:`fit`.
+    """What a backend hands back to :func:`mtl_jax.fit`.
 
     Attributes:
         params: point estimate (EM estimate or posterior mean), per training task.
         converged: backend-specific convergence flag.
         n_iter: EM iterations, SVI steps or NUTS samples per chain.
         trace: per-iteration objective (EM) or loss (SVI); may be empty.
-        draws: posterior draws by parameter field, leading axes ``[chain, draw]``.
-        diagnostics: anything else worth keeping (R-hat, ESS, restart scores).
-        loglik: marginal log-likelihood at ``params`` when the backend already has it
-            (EM ranks its restarts by it); ``None``: :func:`fit` computes it.
+        draws: posterior draws, the parameter pytree with leading axes ``[chain, draw]``.
+        diagnostics: anything else worth keeping (restart scores, divergences ...).
+        loglik: the model's score at ``params`` when the backend already has it;
+            ``None``: :func:`mtl_jax.fit` computes it.
+        iid_draws: the draws are independent (a variational guide's), so R-hat and ESS
+            do not apply.
     """
 
     params: Any
     converged: bool
     n_iter: int
     trace: np.ndarray
-    draws: dict[str, np.ndarray] | None = None
+    draws: Any = None
     diagnostics: dict[str, Any] = {}
     loglik: float | None = None
+    iid_draws: bool = False
 
 
-_MODELS = {"MixtureGLMM": (MixtureGLMM, MixtureParams)}
-_FORMAT = "mtl_jax.fit/1"
+FORMAT = "mtl_jax.fit/2"
 
 
 @dataclasses.dataclass
@@ -54,19 +65,22 @@ class Fit:
 
     Attributes:
         model: the static model description.
-        method: ``"em"``, ``"svi"`` or ``"nuts"``.
-        params: point estimate (numpy arrays); random effects are per training task.
-        loglik: marginal log-likelihood at ``params`` (random effects integrated out).
+        method: the backend (``"em"``, ``"svi"``, ``"nuts"``, ...).
+        params: point estimate (pytree of numpy arrays); task parts are per training task.
+        loglik: the model's score at ``params`` (marginal log-likelihood).
         bic: ``-2 loglik + k log n``.
-        converged: EM/SVI convergence flag; for NUTS, all R-hat below 1.05.
+        converged: the backend's convergence flag, false whenever the fit is not
+            numerically sound (non-finite score, failed checks); for NUTS, all relabelled
+            R-hat of :meth:`summary` below 1.05.
         n_iter: EM iterations, SVI steps or NUTS samples per chain.
-        trace: EM objective per iteration, or the SVI loss (negative ELBO) per step.
-        task_names: training task labels, index = task id.
-        component_columns, mixing_columns, response_names: labels of the design.
+        trace: EM stopping quantity per iteration, or the SVI loss per step.
+        labels: the model's names (``task_names``, columns, responses ...).
         schema: how the training data were encoded (for new data); ``None`` for raw designs.
         num_obs: training observations.
-        draws: posterior draws per parameter field, leading axes ``[chain, draw]``.
-        diagnostics: backend-specific numbers (R-hat, ESS, restart log-likelihoods ...).
+        draws: posterior draws (``[chain, draw, ...]`` leaves) or ``None``.
+        iid_draws: the draws are a guide's independent draws (no R-hat/ESS).
+        diagnostics: backend- and model-specific numbers (standard errors, R-hat, ...).
+        warnings: problems found in the fit, also issued as :class:`FitWarning`.
         timings: seconds spent, by phase.
     """
 
@@ -78,183 +92,229 @@ class Fit:
     converged: bool
     n_iter: int
     trace: np.ndarray
-    task_names: tuple[str, ...]
-    component_columns: tuple[str, ...]
-    mixing_columns: tuple[str, ...]
-    response_names: tuple[str, ...]
+    labels: dict[str, Any]
     schema: Schema | None = None
     num_obs: int = 0
-    draws: dict[str, np.ndarray] | None = None
+    draws: Any = None
+    iid_draws: bool = False
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Training task labels, index = task id."""
+        return tuple(self.labels["task_names"])
+
+    @property
+    def response_names(self) -> tuple[str, ...]:
+        """Response column names (for the ``pred_<response>`` columns)."""
+        return tuple(self.labels.get("response_names", ("y",)))
 
     # ------------------------------------------------------------ reading
     def named_parameters(self) -> dict[str, float]:
         """Population-level parameters by readable name, e.g. ``w[1, x1]``."""
-        return {name: float(value) for name, value in self._labelled(self.params).items()}
+        return {name: float(value) for name, value in self.model.named_parameters(self.params, self.labels).items()}
 
     def random_effects(self) -> dict[str, pd.DataFrame]:
-        """Predicted random effects per task: ``mixing`` and ``component`` DataFrames."""
-        g = self.model.num_components
-        a = np.asarray(self.params.mixing_effects)
-        b = np.asarray(self.params.component_effects)
-        index = pd.Index(self.task_names, name="task")
-        mixing = pd.DataFrame(a, index=index, columns=[f"A{h + 1}" for h in range(g - 1)])
-        component = pd.DataFrame(
-            b.reshape(len(index), -1),
-            index=index,
-            columns=[f"B{h + 1}" + (f"[{r}]" if len(self.response_names) > 1 else "")
-                     for h in range(g) for r in self.response_names],
-        )
-        return {"mixing": mixing, "component": component}
+        """Per-task effects as DataFrames (models with task effects)."""
+        return self.model.random_effects(self.params, self.labels)
 
     def summary(self) -> pd.DataFrame:
         """One row per population-level parameter.
 
-        EM fits give the estimate and, for the variance components, the asymptotic
-        standard error (paper, section 3); SVI and NUTS fits add arviz posterior
-        summaries of the draws (sd, HDI, ESS, R-hat).
+        Point fits give the estimate and, where the model provides them, asymptotic
+        standard errors (``se``). Fits with draws add arviz posterior summaries: mean, sd
+        and HDI for a guide's independent draws; with ESS and R-hat for MCMC chains (the
+        draws are already relabelled, so R-hat is the one ``converged`` uses).
         """
         estimates = pd.Series(self.named_parameters(), name="estimate")
-        if not self.draws:
+        if self.draws is None:
             table = estimates.to_frame()
-            standard_errors = self.diagnostics.get("variance_component_se")
+            standard_errors = self.diagnostics.get("standard_errors")
             if standard_errors:
-                table["se"] = pd.Series(standard_errors)
+                table["se"] = pd.Series(standard_errors, dtype=float)
             return table
-        import arviz as az
-
-        labelled = self._labelled(MixtureParams(**self.draws), leading=2)
-        stats = az.summary({name: value for name, value in labelled.items()}, kind="all", round_to="none")
-        return pd.concat([estimates, stats], axis=1)
+        return pd.concat([estimates, posterior_table(self.model, self.draws, self.labels, self.iid_draws)], axis=1)
 
     def to_arviz(self):
-        """Posterior draws as an ``arviz.InferenceData`` (SVI and NUTS fits)."""
-        if not self.draws:
+        """Posterior draws as an ``arviz.InferenceData`` (fits with draws)."""
+        if self.draws is None:
             raise ValueError(f"a {self.method!r} fit has no posterior draws; fit with method='svi' or 'nuts'")
         import arviz as az
 
-        return az.from_dict(posterior=self._labelled(MixtureParams(**self.draws), leading=2))
-
-    def _labelled(self, params, leading: int = 0) -> dict[str, np.ndarray]:
-        return self.model.labelled_parameters(
-            params, self.component_columns, self.mixing_columns, self.response_names, leading
-        )
+        return az.from_dict(posterior=self.model.named_parameters(self.draws, self.labels, leading=2))
 
     # ---------------------------------------------------------- prediction
-    def predict(self, data: TaskData | pd.DataFrame) -> np.ndarray:
-        """Predictive means ``[n, p]`` for new rows; unseen tasks get the population answer."""
+    def encode(self, data: TaskData | pd.DataFrame, *, require_response: bool = False):
+        """The model's design for new rows, encoded with the fit's stored schema.
+
+        Tasks of the training data keep their ids; tasks unseen in training are numbered
+        after them, so the model answers them at population level.
+
+        Raises:
+            ValueError: when ``data`` is a ``TaskData`` encoded with another schema (its
+                covariates would be standardised with other means and sds), or the fit
+                has no schema and ``data`` is a DataFrame.
+        """
+        train = list(self.task_names)
         if isinstance(data, pd.DataFrame):
             if self.schema is None:
-                raise ValueError("this fit has no data schema; pass a TaskData")
-            data = self.schema.transform(data, require_response=False)
-        known = {name: i for i, name in enumerate(self.task_names)}
-        rows = np.array([known.get(name, 0) for name in data.task_names], dtype=np.int32)
-        seen = np.array([name in known for name in data.task_names])
-        params = self.model.align_effects(_as_jax(self.params), jnp.asarray(rows), jnp.asarray(seen))
-        design = self.model.design(data)
-        return np.asarray(self.model.predict(params, design))
+                raise ValueError("this fit has no data schema (it was fitted to a raw design); pass a design")
+            extended = train + [name for name in self.schema.task_labels(data) if name not in set(train)]
+            data = self.schema.transform(data, require_response=require_response, task_names=extended)
+        elif isinstance(data, TaskData):
+            if self.schema is not None and data.schema != self.schema:
+                raise ValueError(
+                    "this TaskData was encoded with another schema than the fit's (different columns, levels, "
+                    "means or sds); pass the raw DataFrame, or encode it with fit.schema.transform(frame)")
+            extended = train + [name for name in data.task_names if name not in set(train)]
+            ids = np.asarray([extended.index(name) for name in data.task_names], dtype=np.int32)
+            data = dataclasses.replace(data, task=jnp.asarray(ids[np.asarray(data.task)]), task_names=tuple(extended))
+        return self.model.design(data)
+
+    def predict(self, data: TaskData | pd.DataFrame) -> np.ndarray:
+        """Predictive means for new rows; unseen tasks get the population-level answer."""
+        return np.asarray(self.model.predict(_as_jax(self.params), self.encode(data)))
+
+    def score(self, data: TaskData | pd.DataFrame) -> np.ndarray:
+        """Natural-log predictive density of each row's response ``[n]`` (unseen tasks: population)."""
+        return np.asarray(self.model.log_predictive(_as_jax(self.params), self.encode(data, require_response=True)))
 
     # --------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary; the CLI's output file."""
-        re = self.random_effects()
         out = {
-            "format": _FORMAT,
-            "model": {"type": type(self.model).__name__, **dataclasses.asdict(self.model)},
+            "format": FORMAT,
+            "model": model_config(self.model),
             "method": self.method,
-            "loglik": float(self.loglik),
-            "bic": float(self.bic),
+            "loglik": _finite_or_none(self.loglik),
+            "bic": _finite_or_none(self.bic),
             "converged": bool(self.converged),
             "n_iter": int(self.n_iter),
             "num_obs": int(self.num_obs),
-            "mixing_coef": _tolist(self.params.mixing_coef),
-            "component_coef": _tolist(np.squeeze(self.params.component_coef, -1)
-                                      if len(self.response_names) == 1 else self.params.component_coef),
-            "component_cov": _tolist(self.params.component_cov),
-            "variance_components": {"mixing": _tolist(self.params.mixing_var),
-                                    "component": _tolist(self.params.component_var)},
-            "random_effects": {part: {str(k): _tolist(v) for k, v in frame.iterrows()}
-                               for part, frame in re.items()},
-            "params": _typed_arrays(self.params._asdict()),
+            **to_jsonable(self.model.report(self.params, self.labels)),
             "task_names": list(self.task_names),
-            "component_columns": list(self.component_columns),
-            "mixing_columns": list(self.mixing_columns),
-            "response_names": list(self.response_names),
+            "labels": to_jsonable(self.labels),
             "schema": None if self.schema is None else self.schema.to_dict(),
-            "trace": _tolist(self.trace),
+            "params": pytree_to_json(self.params),
+            "trace": to_jsonable(self.trace),
+            "iid_draws": bool(self.iid_draws),
             "diagnostics": to_jsonable(self.diagnostics),
+            "warnings": list(self.warnings),
             "timings": to_jsonable(self.timings),
         }
-        if self.draws:
-            out["draws"] = _typed_arrays(self.draws)
+        if self.draws is not None:
+            out["draws"] = pytree_to_json(self.draws)
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON (floats round-trip exactly)."""
-        Path(path).write_text(json.dumps(self.to_dict(), allow_nan=True))
+        """Write :meth:`to_dict` as JSON (floats round-trip exactly).
+
+        Raises:
+            ValueError: for a fit whose estimate or score is not finite: nothing NaN is
+                written as a result.
+        """
+        leaves = jax.tree_util.tree_leaves(self.params)
+        if not (math.isfinite(self.loglik) and all(np.all(np.isfinite(np.asarray(leaf))) for leaf in leaves)):
+            raise ValueError("refusing to save a fit with a non-finite estimate or log-likelihood: "
+                             + ("; ".join(self.warnings) or "the fit failed numerically"))
+        Path(path).write_text(json.dumps(self.to_dict(), allow_nan=False))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Fit":
         """Inverse of :meth:`to_dict`."""
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"not an mtl_jax fit file (found {found!r}, expected format {_FORMAT!r})")
-        config = dict(data["model"])
-        model_cls, params_cls = _MODELS[config.pop("type")]
-        for key, value in config.items():
-            if isinstance(value, list):
-                config[key] = tuple(value)
-        params = params_cls(**_read_typed_arrays(data["params"]))
+            raise ValueError(f"not an mtl_jax fit file (found {found!r}, expected format {FORMAT!r})")
+        model = model_from_config(data["model"])
+        labels = data["labels"]
+        skeleton = model.params_like(labels)
         return cls(
-            model=model_cls(**config),
+            model=model,
             method=data["method"],
-            params=params,
+            params=pytree_from_json(data["params"], skeleton),
             loglik=data["loglik"],
             bic=data["bic"],
             converged=data["converged"],
             n_iter=data["n_iter"],
             trace=np.asarray(data["trace"], dtype=float),
-            task_names=tuple(data["task_names"]),
-            component_columns=tuple(data["component_columns"]),
-            mixing_columns=tuple(data["mixing_columns"]),
-            response_names=tuple(data["response_names"]),
+            labels=labels,
             schema=None if data["schema"] is None else Schema.from_dict(data["schema"]),
             num_obs=data["num_obs"],
-            draws=_read_typed_arrays(data["draws"]) if "draws" in data else None,
+            draws=pytree_from_json(data["draws"], skeleton) if "draws" in data else None,
+            iid_draws=data["iid_draws"],
             diagnostics=data["diagnostics"],
+            warnings=data["warnings"],
             timings=data["timings"],
         )
 
     @classmethod
     def load(cls, path: str | Path) -> "Fit":
-        """Read a fit written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a fit written by :meth:`save` (JSON only; nothing is unpickled)."""
+        try:
+            content = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a JSON fit file: {error}") from None
+        return cls.from_dict(content)
 
 
-def _tolist(value) -> Any:
-    return np.asarray(value).tolist()
+def posterior_table(model, draws, labels: dict, iid_draws: bool) -> pd.DataFrame:
+    """arviz summary of the named population parameters of ``[chain, draw, ...]`` draws.
+
+    Independent (guide) draws get the statistics only; MCMC chains also ESS and R-hat.
+    """
+    import arviz as az
+
+    named = model.named_parameters(draws, labels, leading=2)
+    return az.summary(named, kind="stats" if iid_draws else "all", round_to="none")
 
 
-def _typed_arrays(arrays: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Arrays with their dtype, so that loading restores them bit for bit."""
-    return {k: {"dtype": str(np.asarray(v).dtype), "value": _tolist(v)} for k, v in arrays.items()}
+def pytree_to_json(tree) -> list[dict[str, Any]]:
+    """Leaves of any pytree as ``{"path", "dtype", "shape", "value"}`` records."""
+    records = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(leaf)
+        records.append({"path": jax.tree_util.keystr(path), "dtype": str(array.dtype),
+                        "shape": list(array.shape), "value": array.tolist()})
+    return records
 
 
-def _read_typed_arrays(stored: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v["value"], dtype=v["dtype"]) for k, v in stored.items()}
+def pytree_from_json(records: list[dict[str, Any]], skeleton):
+    """Inverse of :func:`pytree_to_json` into the structure of ``skeleton`` (leaf values ignored).
+
+    Raises:
+        ValueError: when the stored paths do not match the skeleton's.
+    """
+    stored = {record["path"]: record for record in records}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
+    names = [jax.tree_util.keystr(path) for path, _ in paths]
+    missing = [name for name in names if name not in stored]
+    if missing or len(names) != len(stored):
+        raise ValueError(f"the stored parameters do not match the model (missing {missing}, "
+                         f"stored {sorted(stored)})")
+    leaves = [np.asarray(stored[name]["value"], dtype=stored[name]["dtype"]).reshape(stored[name]["shape"])
+              for name in names]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _finite_or_none(value):
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _as_jax(params):
-    return type(params)(*(jnp.asarray(leaf) for leaf in params))
+    return jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def to_jsonable(value):
-    """Nested dicts, lists and NumPy/JAX arrays or scalars as plain JSON values."""
+    """Nested dicts, lists and NumPy/JAX arrays or scalars as plain JSON values (non-finite -> None)."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
-        return np.asarray(value).tolist()
+        return to_jsonable(np.asarray(value).tolist()) if np.asarray(value).ndim else to_jsonable(np.asarray(value).item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value

@@ -1,0 +1,484 @@
+r"""Small-block linear algebra for mixed models: stable bordered block-diagonal solves.
+
+EM and Newton steps for mixed models solve systems in the fixed effects
+:math:`\beta\in\mathbb R^m`, which couple all tasks, and per-task random effects
+:math:`b_i\in\mathbb R^r`, :math:`i=0,\dots,K-1`. The information is a sum of per-row
+contributions: row :math:`j` (task :math:`t_j`) has a fixed-effect design block
+:math:`A_j` ``[m, d]``, a random-effect design block :math:`B_j` ``[r, d]``, a PSD weight
+:math:`W_j` ``[d, d]`` and a gradient (working response) :math:`u_j` ``[d]``; the linear
+predictor of the row is :math:`\eta_j = A_j^T\beta + B_j^T b_{t_j}` ``[d]``. The system is
+
+.. math::
+
+    \begin{bmatrix} F & C_1 & \cdots & C_K \\ C_i^T & D_i & & \end{bmatrix}
+    \begin{bmatrix} \beta \\ b_i \end{bmatrix}
+    = \begin{bmatrix} g_f \\ g_{r,i} \end{bmatrix},
+
+with :math:`F = \sum_j A_j W_j A_j^T + F_0` (:math:`F_0` an optional fixed prior
+precision), :math:`C_i = \sum_{j\in i} A_j W_j B_j^T`, :math:`M_i = \sum_{j\in i} B_j W_j
+B_j^T`, :math:`D_i = M_i + Q_i` (:math:`Q_i` the prior precision of :math:`b_i`),
+:math:`g_f = \sum_j A_j u_j` and :math:`g_{r,i} = \sum_{j\in i} B_j u_j + h_i`
+(:math:`h_i` a prior gradient, e.g. :math:`-Q_i b_i` for a Newton step, or zero). It is
+the stationarity condition of the concave quadratic
+
+.. math::
+
+    L(\beta, b) = \sum_j \big(u_j^T\eta_j - \tfrac12 \eta_j^T W_j \eta_j\big)
+        + \sum_i \big(h_i^T b_i - \tfrac12 b_i^T Q_i b_i\big) - \tfrac12 \beta^T F_0 \beta .
+
+**Why not the plain Schur complement.** :math:`P = F - \sum_i C_i D_i^{-1} C_i^T` is a
+small difference of huge numbers when a task's own information dominates
+(:math:`n_i\phi/\sigma^2 \gg 1`), above all for an intercept far from zero: in float32 the
+fixed-intercept information is lost at :math:`n_i\phi/\sigma^2\approx 10^6`, and the
+right-hand side :math:`g_f - \sum_i C_i D_i^{-1} g_{r,i}` and the posterior covariances
+cancel the same way.
+
+**Stable form.** With the per-task *centre* :math:`\bar A_i = C_i D_i^{-1}` ``[m, r]``
+(defined for every task because :math:`Q_i \succ 0`) and the centred rows
+:math:`\tilde A_j = A_j - \bar A_{t_j} B_j`, exactly
+
+.. math::
+
+    P = F_0 + \sum_i P_i, \qquad
+    P_i = \sum_{j\in i} \tilde A_j W_j \tilde A_j^T + \bar A_i Q_i \bar A_i^T,
+
+a sum of PSD terms (proof: :math:`\sum_{j\in i}\tilde A_j W_j\tilde A_j^T = F_i - C_i\bar
+A_i^T - \bar A_i C_i^T + \bar A_i M_i \bar A_i^T`; adding :math:`\bar A_i Q_i\bar A_i^T`
+gives :math:`F_i - 2C_iD_i^{-1}C_i^T + C_iD_i^{-1}C_i^T`). As a function of
+:math:`\bar A_i` this expression is minimised at :math:`C_iD_i^{-1}`, so an error
+:math:`\delta` in the centre changes :math:`P` only by :math:`\delta D_i\delta^T`
+(second order). Further
+
+.. math::
+
+    g_f - \sum_i C_iD_i^{-1}g_{r,i} = \sum_j \tilde A_j u_j - \sum_i \bar A_i h_i,\qquad
+    \beta = P^{-1}\Big(\sum_j \tilde A_j u_j - \sum_i \bar A_i h_i\Big),\qquad
+    b_i = D_i^{-1} g_{r,i} - \bar A_i^T\beta,
+
+and the inverse has :math:`H_{ff} = P^{-1}`, :math:`H_{f r_i} = -P^{-1}\bar A_i`,
+:math:`H_{r_ir_i} = D_i^{-1} + \bar A_i^T P^{-1}\bar A_i`; the posterior covariance of
+:math:`\eta_j` is :math:`\tilde A_j^T P^{-1}\tilde A_j + B_j^T D_{t_j}^{-1} B_j`.
+
+**Iterative refinement.** Unlike :math:`P`, the right-hand side is first order in the
+error of the centre (:math:`-\delta\, g_{r,i}`, and :math:`g_{r,i}` is huge), so one
+float32 solve still loses a few percent at :math:`n_i\phi/\sigma^2\approx10^6`.
+:func:`bordered_solve` therefore refines the solution: in the coordinates
+:math:`(\beta, c_i = b_i + \bar A_i^T\beta)` the system is block diagonal,
+``diag(P, D_1, ..., D_K)``, so one refinement step is
+
+.. math::
+
+    r_j = u_j - W_j\eta_j,\quad
+    \gamma_i = \sum_{j\in i} B_j r_j + h_i - Q_i b_i,\quad
+    \tilde\gamma = \sum_j \tilde A_j r_j - \sum_i \bar A_i (h_i - Q_i b_i) - F_0\beta,
+
+    \Delta\beta = P^{-1}\tilde\gamma,\qquad
+    \Delta b_i = D_i^{-1}\gamma_i - \bar A_i^T\Delta\beta,
+
+with the gradients evaluated row by row from the residuals, where the centre's error now
+multiplies the small :math:`\sum_{j\in i} r_j` instead of :math:`g_{r,i}`. The step
+started from :math:`\beta = 0, b = 0` is exactly the closed form above. The refinement
+also removes the bias of the Cholesky jitter from the solution. That bias matters for the
+centre: a relative jitter :math:`c\varepsilon` on :math:`D_i` acts like a change of
+:math:`Q_i` by :math:`c\varepsilon M_i`, so the centre is polished once against the
+un-jittered :math:`D_i`, :math:`\bar A_i \leftarrow \bar A_i + (C_i - \bar A_i D_i)
+(D_i + J_i)^{-1}`, which leaves only the rounding of :math:`M_i + Q_i` itself and makes
+the refinement converge fast: in float32, for a random-intercept model with
+:math:`n_i\phi/\sigma^2 = 10^6`, the fixed effects are off by a few percent after the
+closed form and by about :math:`10^{-7}` (relative) after one refinement step
+(:math:`10^{-5}` at :math:`10^8`).
+
+All per-task work is a ``[K, ...]`` stack of small blocks (segment sums over the task ids,
+batched small Cholesky factorisations); no ``K x K`` or dense ``(m + K r)`` matrix is ever
+formed. Cost :math:`O(n (m^2 + r^2) d^2 + K (m r^2 + r^3) + m^3)` per pass over the rows.
+Everything is pure ``jax.numpy``: jittable (``num_tasks`` static) and vmappable, in float32
+and float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+__all__ = [
+    "BorderedSolution",
+    "bordered_solve",
+    "diag_embed",
+    "is_positive_definite",
+    "kron_rows",
+    "psd_cholesky",
+    "psd_inverse",
+    "psd_logdet",
+    "psd_solve",
+    "row_covariance",
+    "segment_sum",
+]
+
+# ``c`` in the Cholesky jitter ``c * eps(dtype) * M_kk`` (see psd_cholesky)
+_JITTER_SCALE = 10.0
+
+
+# ----------------------------------------------------------------------------- helpers
+def segment_sum(
+    values: Float[Array, "n *rest"], task: Int[Array, " n"], num_tasks: int
+) -> Float[Array, "K *rest"]:
+    r"""Sums rows per task, :math:`S_i = \sum_{j:\,t_j=i} v_j`.
+
+    Args:
+        values: per-row values ``[n, ...]``.
+        task: task id of each row ``[n]``, integers in ``[0, num_tasks)``.
+        num_tasks: ``K`` (static).
+
+    Returns:
+        ``[K, ...]`` per-task sums (zero for tasks without rows).
+    """
+    return jax.ops.segment_sum(values, task, num_segments=num_tasks)
+
+
+def diag_embed(x: Float[Array, "*batch k"]) -> Float[Array, "*batch k k"]:
+    """Diagonal matrices from their diagonals, ``[..., k] -> [..., k, k]``.
+
+    Args:
+        x: diagonals ``[..., k]``.
+
+    Returns:
+        ``[..., k, k]`` with ``x`` on the diagonal and zeros elsewhere.
+    """
+    x = jnp.asarray(x)
+    return x[..., :, None] * jnp.eye(x.shape[-1], dtype=x.dtype)
+
+
+def _as_float(x) -> Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def _symmetrise(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
+    return 0.5 * (matrix + jnp.swapaxes(matrix, -1, -2))
+
+
+def psd_cholesky(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
+    r"""Lower Cholesky factor of a (numerically) positive semi-definite matrix.
+
+    Factorises :math:`M + \operatorname{diag}(j)` with the dtype-scaled jitter
+
+    .. math::
+
+        j_k = c\,\varepsilon\,\big(|M_{kk}| + \varepsilon\,\operatorname{tr}(M)/\dim\big),
+        \qquad c = 10,\ \varepsilon = \operatorname{eps}(\text{dtype}),
+
+    i.e. :math:`c\,\varepsilon\,\operatorname{tr}(\tilde M)/\dim` for the equilibrated
+    matrix :math:`\tilde M = S^{-1} M S^{-1}`, :math:`S = \operatorname{diag}(M)^{1/2}`
+    (whose diagonal is one), scaled back. This relative perturbation of each diagonal
+    entry is of the size of Cholesky's own backward error, so it does not cost accuracy
+    even when the diagonal entries differ by many orders of magnitude (a jitter of
+    :math:`c\varepsilon\operatorname{tr}(M)/\dim` would swamp the small ones: for the
+    fixed-effect information of an intercept next to a covariate with strong within-task
+    information, the ratio is :math:`n_i\phi/\sigma^2`). The
+    :math:`\varepsilon^2\operatorname{tr}(M)/\dim` floor keeps exactly singular matrices
+    (zero rows) finite.
+
+    Args:
+        matrix: symmetric ``[..., k, k]`` (batched over leading axes).
+
+    Returns:
+        Lower-triangular ``L [..., k, k]`` with :math:`LL^T = M + \operatorname{diag}(j)`;
+        NaNs where the jittered matrix is not positive definite.
+    """
+    matrix = _as_float(matrix)
+    eps = jnp.finfo(matrix.dtype).eps
+    diag = jnp.abs(jnp.diagonal(matrix, axis1=-2, axis2=-1))
+    mean_diag = jnp.mean(diag, axis=-1, keepdims=True)
+    jitter = _JITTER_SCALE * eps * (diag + eps * mean_diag)
+    return jnp.linalg.cholesky(matrix + diag_embed(jitter))
+
+
+def _cho_solve(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k j"]) -> Float[Array, "*b k j"]:
+    """Solves ``L L^T X = rhs`` by two triangular solves (leading axes broadcast)."""
+    batch = jnp.broadcast_shapes(chol.shape[:-2], rhs.shape[:-2])
+    chol = jnp.broadcast_to(chol, batch + chol.shape[-2:])
+    rhs = jnp.broadcast_to(rhs, batch + rhs.shape[-2:]).astype(chol.dtype)
+    half = jax.lax.linalg.triangular_solve(chol, rhs, left_side=True, lower=True)
+    return jax.lax.linalg.triangular_solve(chol, half, left_side=True, lower=True, transpose_a=True)
+
+
+def _cho_solve_vec(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k"]) -> Float[Array, "*b k"]:
+    return _cho_solve(chol, rhs[..., None])[..., 0]
+
+
+def _cho_inverse(chol: Float[Array, "*b k k"]) -> Float[Array, "*b k k"]:
+    eye = jnp.eye(chol.shape[-1], dtype=chol.dtype)
+    return _symmetrise(_cho_solve(chol, jnp.broadcast_to(eye, chol.shape)))
+
+
+def psd_inverse(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
+    r"""Inverse of a PSD matrix through :func:`psd_cholesky` (never ``inv``).
+
+    Args:
+        matrix: symmetric PSD ``[..., k, k]``.
+
+    Returns:
+        :math:`(M + \operatorname{diag}(j))^{-1}` ``[..., k, k]``, symmetrised; finite for
+        singular PSD input thanks to the jitter.
+    """
+    return _cho_inverse(psd_cholesky(matrix))
+
+
+def psd_solve(matrix: Float[Array, "*batch k k"], rhs: Array) -> Array:
+    r"""Solves :math:`M x = y` for a PSD matrix through :func:`psd_cholesky`.
+
+    Args:
+        matrix: symmetric PSD ``[..., k, k]``.
+        rhs: ``[..., k]`` (vectors, when ``rhs.ndim == matrix.ndim - 1``) or
+            ``[..., k, j]`` (matrices); leading axes broadcast against ``matrix``'s.
+
+    Returns:
+        The solution, shaped like ``rhs`` (after broadcasting).
+    """
+    matrix = _as_float(matrix)
+    rhs = jnp.asarray(rhs)
+    chol = psd_cholesky(matrix)
+    if rhs.ndim == matrix.ndim - 1:
+        return _cho_solve_vec(chol, rhs)
+    return _cho_solve(chol, rhs)
+
+
+def _factor_ok(chol: Float[Array, "*batch k k"]) -> Bool[Array, "*batch"]:
+    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+    return jnp.all(jnp.isfinite(diag) & (diag > 0), axis=-1)
+
+
+def is_positive_definite(matrix: Float[Array, "*batch k k"]) -> Bool[Array, "*batch"]:
+    """Whether :func:`psd_cholesky` succeeds (finite, positive diagonal).
+
+    That is positive definiteness up to the jitter: an exactly singular PSD matrix counts
+    as positive definite, an eigenvalue below about ``-c * eps * max_k M_kk`` does not.
+
+    Args:
+        matrix: symmetric ``[..., k, k]``.
+
+    Returns:
+        Boolean ``[...]``.
+    """
+    return _factor_ok(psd_cholesky(matrix))
+
+
+def psd_logdet(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch"]:
+    r"""Log-determinant :math:`\log\det M = 2\sum_k \log L_{kk}` via :func:`psd_cholesky`.
+
+    Args:
+        matrix: symmetric ``[..., k, k]``.
+
+    Returns:
+        ``[...]``; NaN where the matrix is not positive definite (the factor has a
+        non-finite or non-positive diagonal), never a log-determinant with a dropped sign.
+    """
+    chol = psd_cholesky(matrix)
+    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+    ok = _factor_ok(chol)
+    safe = jnp.where(ok[..., None], diag, jnp.ones_like(diag))
+    logdet = 2.0 * jnp.sum(jnp.log(safe), axis=-1)
+    return jnp.where(ok, logdet, jnp.nan)
+
+
+def kron_rows(x: Float[Array, "n q"], d: int) -> Float[Array, "n qd d"]:
+    r"""Fixed-effect row blocks :math:`A_j = x_j \otimes I_d` for shared covariates.
+
+    With a coefficient matrix :math:`W` ``[q, d]`` flattened row-major
+    (:math:`\beta_{a d + k} = W_{ak}`), :math:`A_j^T\beta = W^T x_j`. Random intercepts
+    use :math:`B_j = I_d`, ``jnp.broadcast_to(jnp.eye(d), (n, d, d))``.
+
+    Args:
+        x: covariates ``[n, q]``.
+        d: number of outputs (static).
+
+    Returns:
+        ``[n, q*d, d]`` with element ``[j, a*d + k, l] = x[j, a] * (k == l)``.
+    """
+    x = _as_float(x)
+    n, q = x.shape
+    return (x[:, :, None, None] * jnp.eye(d, dtype=x.dtype)).reshape(n, q * d, d)
+
+
+# ----------------------------------------------------------------------------- solve
+class BorderedSolution(NamedTuple):
+    r"""Solution and inverse blocks of a bordered block-diagonal system.
+
+    The properties also work on a solution batched over leading axes (from ``jax.vmap``).
+
+    Attributes:
+        fixed: :math:`\beta` ``[m]``.
+        random: :math:`b_i` ``[K, r]``.
+        fixed_cov: :math:`H_{ff} = P^{-1}` ``[m, m]``.
+        centre: :math:`\bar A_i = C_i D_i^{-1}` ``[K, m, r]``.
+        random_prec_inv: :math:`D_i^{-1}` ``[K, r, r]``.
+    """
+
+    fixed: Float[Array, " m"]
+    random: Float[Array, "K r"]
+    fixed_cov: Float[Array, "m m"]
+    centre: Float[Array, "K m r"]
+    random_prec_inv: Float[Array, "K r r"]
+
+    @property
+    def cross_cov(self) -> Float[Array, "K m r"]:
+        r""":math:`H_{f r_i} = -P^{-1}\bar A_i` ``[K, m, r]``."""
+        return -jnp.einsum("...mn,...inr->...imr", self.fixed_cov, self.centre)
+
+    @property
+    def random_cov(self) -> Float[Array, "K r r"]:
+        r""":math:`H_{r_i r_i} = D_i^{-1} + \bar A_i^T P^{-1}\bar A_i` ``[K, r, r]``."""
+        spread = jnp.einsum("...imr,...mn,...ins->...irs", self.centre, self.fixed_cov, self.centre)
+        return self.random_prec_inv + _symmetrise(spread)
+
+
+def bordered_solve(
+    fixed_rows: Float[Array, "n m d"],
+    random_rows: Float[Array, "n r d"],
+    weights: Float[Array, "n d d"],
+    grads: Float[Array, "n d"],
+    task: Int[Array, " n"],
+    num_tasks: int,
+    random_prior_prec: Float[Array, "r r"] | Float[Array, "K r r"],
+    random_prior_grad: Float[Array, "K r"] | None = None,
+    fixed_prior_prec: Float[Array, "m m"] | None = None,
+    *,
+    refinement_steps: int = 1,
+) -> BorderedSolution:
+    r"""Solves the bordered block-diagonal mixed-model system in the stable centred form.
+
+    Forms, without any subtraction of large numbers (see the module docstring),
+
+    .. math::
+
+        \bar A_i = C_i D_i^{-1},\quad \tilde A_j = A_j - \bar A_{t_j} B_j,\quad
+        P = F_0 + \sum_j \tilde A_j W_j \tilde A_j^T + \sum_i \bar A_i Q_i \bar A_i^T,
+
+        \beta = P^{-1}\Big(\sum_j \tilde A_j u_j - \sum_i \bar A_i h_i\Big),\qquad
+        b_i = D_i^{-1} g_{r,i} - \bar A_i^T \beta,
+
+    followed by ``refinement_steps`` steps of iterative refinement with row-wise
+    residuals :math:`r_j = u_j - W_j\eta_j`. Two passes over the rows for the blocks
+    (first :math:`C_i, M_i`, then the centred rows) and one more per refinement step.
+    With ``r == 0`` it is weighted least squares, :math:`\beta = P^{-1} g_f`,
+    :math:`P = F + F_0`, and the random parts are empty.
+
+    Args:
+        fixed_rows: :math:`A_j` ``[n, m, d]``.
+        random_rows: :math:`B_j` ``[n, r, d]`` (``r`` may be 0).
+        weights: PSD :math:`W_j` ``[n, d, d]``.
+        grads: :math:`u_j` ``[n, d]``.
+        task: task id of each row ``[n]``, integers in ``[0, num_tasks)``.
+        num_tasks: ``K`` (static).
+        random_prior_prec: :math:`Q_i`, ``[r, r]`` shared by all tasks or ``[K, r, r]``;
+            positive definite (it makes :math:`D_i` invertible for every task).
+        random_prior_grad: :math:`h_i` ``[K, r]``; ``None`` for zeros.
+        fixed_prior_prec: :math:`F_0` ``[m, m]``; ``None`` for none.
+        refinement_steps: iterative-refinement steps after the closed-form solve
+            (static; 0 gives the closed form alone; 1 recovers float32 accuracy up to
+            :math:`n_i\phi/\sigma^2\approx10^6` and beyond).
+
+    Returns:
+        :class:`BorderedSolution` with ``fixed [m]``, ``random [K, r]``,
+        ``fixed_cov = P^{-1} [m, m]``, ``centre [K, m, r]`` and
+        ``random_prec_inv = D^{-1} [K, r, r]``.
+    """
+    A = _as_float(fixed_rows)
+    dtype = jnp.result_type(A, random_rows, weights, grads)
+    A = A.astype(dtype)
+    B = jnp.asarray(random_rows, dtype)
+    W = jnp.asarray(weights, dtype)
+    u = jnp.asarray(grads, dtype)
+    task = jnp.asarray(task)
+    K = num_tasks
+    m, r = A.shape[1], B.shape[1]
+    Q = jnp.broadcast_to(jnp.asarray(random_prior_prec, dtype), (K, r, r))
+    h = jnp.zeros((K, r), dtype) if random_prior_grad is None else jnp.asarray(random_prior_grad, dtype)
+    F0 = None if fixed_prior_prec is None else jnp.asarray(fixed_prior_prec, dtype)
+
+    # pass 1: the per-task blocks C_i, M_i and the centres
+    if r > 0:
+        BW = jnp.einsum("nrd,nde->nre", B, W)
+        C = segment_sum(jnp.einsum("nme,nre->nmr", jnp.einsum("nmd,nde->nme", A, W), B), task, K)
+        D = segment_sum(jnp.einsum("nre,nse->nrs", BW, B), task, K) + Q
+        chol_D = psd_cholesky(_symmetrise(D))
+        random_prec_inv = _cho_inverse(chol_D)
+        # centre^T = D^{-1} C^T, polished once against the un-jittered D (see module doc)
+        centre_t = _cho_solve(chol_D, jnp.swapaxes(C, -1, -2))  # [K, r, m]
+        defect = jnp.swapaxes(C, -1, -2) - jnp.einsum("irs,ism->irm", D, centre_t)
+        centre = jnp.swapaxes(centre_t + _cho_solve(chol_D, defect), -1, -2)  # [K, m, r]
+        centred = A - jnp.einsum("nmr,nrd->nmd", centre[task], B)
+    else:
+        random_prec_inv = jnp.zeros((K, 0, 0), dtype)
+        centre = jnp.zeros((K, m, 0), dtype)
+        centred = A
+
+    # pass 2: the Schur complement as a sum of PSD terms
+    info = jnp.einsum("nme,nke->mk", jnp.einsum("nmd,nde->nme", centred, W), centred)
+    if r > 0:
+        info = info + jnp.einsum("imr,irs,iks->mk", centre, Q, centre)
+    if F0 is not None:
+        info = info + F0
+    chol_P = psd_cholesky(_symmetrise(info))
+    fixed_cov = _cho_inverse(chol_P)
+
+    # closed-form solve (the step from zero) + iterative refinement
+    beta = jnp.zeros((m,), dtype)
+    b = jnp.zeros((K, r), dtype)
+    for step in range(1 + refinement_steps):
+        if step == 0:
+            resid = u
+        else:
+            eta = jnp.einsum("nmd,m->nd", A, beta) + jnp.einsum("nrd,nr->nd", B, b[task])
+            resid = u - jnp.einsum("nde,ne->nd", W, eta)
+        grad_f = jnp.einsum("nmd,nd->m", centred, resid)
+        if F0 is not None:
+            grad_f = grad_f - F0 @ beta
+        if r > 0:
+            prior_resid = h - jnp.einsum("irs,is->ir", Q, b)
+            grad_r = segment_sum(jnp.einsum("nrd,nd->nr", B, resid), task, K) + prior_resid
+            grad_f = grad_f - jnp.einsum("imr,ir->m", centre, prior_resid)
+        step_f = _cho_solve_vec(chol_P, grad_f)
+        beta = beta + step_f
+        if r > 0:
+            b = b + _cho_solve_vec(chol_D, grad_r) - jnp.einsum("imr,m->ir", centre, step_f)
+    return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv)
+
+
+def row_covariance(
+    solution: BorderedSolution,
+    fixed_rows: Float[Array, "n m d"],
+    random_rows: Float[Array, "n r d"],
+    task: Int[Array, " n"],
+) -> Float[Array, "n d d"]:
+    r"""Posterior covariance of each row's linear predictor :math:`\eta_j`.
+
+    .. math::
+
+        \operatorname{Cov}(\eta_j) = \tilde A_j^T P^{-1}\tilde A_j + B_j^T D_{t_j}^{-1} B_j,
+        \qquad \tilde A_j = A_j - \bar A_{t_j} B_j,
+
+    equal to :math:`L_j^T H^{-1} L_j` for :math:`\eta_j = L_j^T(\beta, b)`, without
+    cancellation.
+
+    Args:
+        solution: from :func:`bordered_solve`.
+        fixed_rows: :math:`A_j` ``[n, m, d]``.
+        random_rows: :math:`B_j` ``[n, r, d]``.
+        task: task ids ``[n]``.
+
+    Returns:
+        ``[n, d, d]``.
+    """
+    dtype = solution.fixed_cov.dtype
+    A = jnp.asarray(fixed_rows, dtype)
+    B = jnp.asarray(random_rows, dtype)
+    centred = A - jnp.einsum("nmr,nrd->nmd", solution.centre[task], B)
+    cov = jnp.einsum("nmd,mk,nke->nde", centred, solution.fixed_cov, centred)
+    cov = cov + jnp.einsum("nrd,nrs,nse->nde", B, solution.random_prec_inv[task], B)
+    return _symmetrise(cov)

@@ -1,0 +1,114 @@
+r"""The one model protocol every family implements, and the registry of models by name.
+
+The inference layer (:mod:`mtl_jax.infer`), the :class:`mtl_jax.Fit` result type and the
+command line reach a model only through the methods below; none of them names a model.
+A new family is one module under ``mtl_jax/models/`` with a class that implements this
+protocol, decorated with :func:`register`.
+
+A model is a frozen, hashable dataclass of static settings (so it can be a static
+argument of ``jax.jit``); its parameters are a separate pytree. Shapes: ``n`` rows,
+``K`` training tasks.
+
+Required (every model):
+
+``name`` / ``methods``
+    Class attributes: the registry name (``"mixture-glmm"``) and the set of backends it
+    supports (``{"em", "svi", "nuts"}`` ...); ``fit`` refuses any other method.
+``design(data) -> design``
+    The model's array pytree from a :class:`mtl_jax.data.TaskData` (a design passes
+    through unchanged). Tasks of ``data`` numbered ``>= K`` (``K`` the number of tasks of
+    the parameters) are tasks unseen in training.
+``labels(data) -> dict``
+    JSON-safe names the fit keeps: ``task_names`` plus whatever the model needs to name
+    its parameters (columns, responses).
+``init(key, design) -> params``
+    A random starting point.
+``score(params, design) -> scalar``
+    The marginal log-likelihood (random effects integrated out), or an ELBO, at
+    ``params``; it ranks EM restarts and gives BIC with ``num_parameters``.
+``num_parameters(design) -> int``
+    Free population-level parameters counted by BIC.
+``predict(params, design) -> [n, ...]``, ``log_predictive(params, design) -> [n]``
+    Predictive means and the natural-log predictive density of each row; rows of
+    unseen tasks get the population-level answer (the model integrates its task
+    effects out itself).
+``named_parameters(params, labels, leading=0) -> dict[str, array]``
+    Population-level parameters by readable name (``summary()``), keeping ``leading``
+    batch axes (draws).
+``population(params) -> pytree``
+    The population-level part of ``params`` (no per-task leaves): EM watches it for
+    convergence, NUTS reports R-hat and ESS on it.
+``params_like(labels) -> params``
+    A pytree of the structure of the fitted parameters (leaf values irrelevant), from
+    which :meth:`mtl_jax.Fit.load` rebuilds a saved parameter pytree by key paths.
+``report(params, labels) -> dict``
+    Readable JSON entries of a saved fit (estimates by name, effects per task).
+``add_arguments(parser)`` / ``from_arguments(args)`` (class methods)
+    The model's command-line options and the model built from them.
+
+Optional capabilities (checked with ``hasattr``):
+
+``em_step(params, design) -> (params, objective)``
+    One EM iteration (gives ``method="em"``). ``objective`` is the quantity the step
+    does not decrease, evaluated at the old parameters (traced for tests and plots).
+``numpyro_model(design)``, ``site_values(params) -> dict``, ``from_sites(samples) -> params``
+    The model as a NumPyro program (gives ``"svi"`` and ``"nuts"``): ``site_values`` maps
+    a parameter point to the program's sampled sites (an initial value), ``from_sites``
+    maps samples of the program's sites (with any leading axes) back to parameters.
+``align(params, reference) -> params``
+    Label switching: ``params`` with its exchangeable parts (mixture components)
+    permuted to best match ``reference``; a permutation must leave ``score``,
+    ``predict`` and ``log_predictive`` unchanged.
+``standard_errors(params, design, labels) -> dict[str, float]``
+    Asymptotic standard errors of the named parameters of an EM (point) fit.
+``check(params, design, labels) -> list[str]``
+    Problems of a fitted point (variances at their floor, empty components, ...);
+    each becomes a warning and is kept in the fit's diagnostics.
+``simulate(key, params, design)``
+    Draws from the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+MODELS: dict[str, type] = {}
+"""Registered model classes by their ``name``."""
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a model class to :data:`MODELS` under ``cls.name``."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute 'name' to be registered")
+    MODELS[cls.name] = cls
+    return cls
+
+
+def model_class(name: str) -> type:
+    """The registered model class called ``name``.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    import mtl_jax.models  # noqa: F401  (registers the built-in families)
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def model_config(model) -> dict[str, Any]:
+    """``{"name": ..., "config": {...}}``: a JSON-safe description of a model instance."""
+    return {"name": model.name, "config": dataclasses.asdict(model)}
+
+
+def model_from_config(spec: dict[str, Any]):
+    """Inverse of :func:`model_config` (JSON lists become tuples again)."""
+    config = {key: tuple(value) if isinstance(value, list) else value for key, value in spec["config"].items()}
+    return model_class(spec["name"])(**config)
+
+
+def supports(model, method: str) -> bool:
+    """Whether ``model`` declares ``method`` among its backends."""
+    return method in getattr(model, "methods", ())
