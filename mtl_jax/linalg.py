@@ -380,8 +380,10 @@ def bordered_solve(
         random_prior_grad: :math:`h_i` ``[K, r]``; ``None`` for zeros.
         fixed_prior_prec: :math:`F_0` ``[m, m]``; ``None`` for none.
         refinement_steps: iterative-refinement steps after the closed-form solve
-            (static; 0 gives the closed form alone; 1 recovers float32 accuracy up to
-            :math:`n_i\phi/\sigma^2\approx10^6` and beyond).
+            (static). 0 gives the closed form alone (exact in exact arithmetic, but in
+            float32 a few percent off at :math:`n_i\phi/\sigma^2\approx10^6`); the
+            default 1 brings the float32 fixed effects to about :math:`10^{-7}` relative
+            there. Each step is one more pass over the rows.
 
     Returns:
         :class:`BorderedSolution` with ``fixed [m]``, ``random [K, r]``,

@@ -46,7 +46,7 @@ def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
     """Fit ``model`` to ``data`` with ``method`` (one of the model's ``methods``).
 
     Args:
-        model: a registered model description such as :class:`mtl_jax.MixtureGLMM`.
+        model: a registered model description (see :mod:`mtl_jax.models.protocol`).
         data: a :class:`mtl_jax.data.TaskData` (or the model's raw design).
         method: inference backend, e.g. ``"em"``, ``"svi"``, ``"nuts"``.
         seed: seed of the PRNG key (random starts, SVI noise, NUTS).
