@@ -314,7 +314,7 @@ def to_jsonable(value):
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
-        return to_jsonable(np.asarray(value).tolist()) if np.asarray(value).ndim else to_jsonable(np.asarray(value).item())
+        return to_jsonable(np.asarray(value).tolist())  # .tolist() of a 0-d array is a scalar
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

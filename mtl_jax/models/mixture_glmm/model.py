@@ -176,10 +176,6 @@ class MixtureGLMM:
         value, ok = self.laplace(params, design)
         return jnp.where(ok, value, jnp.nan)
 
-    def marginal_log_likelihood(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, ""]:
-        """Alias of :meth:`score`."""
-        return self.score(params, design)
-
     def num_observations(self, design: MixtureDesign) -> int:
         """Rows ``n`` (BIC's sample size)."""
         return design.y.shape[0]
