@@ -143,11 +143,12 @@ def numpy_independence_em(y, x_comp, x_mix, v, w, sigma2, num_iterations: int, v
     component_random_effects=False)`` with ``residual_update="reml"``: per iteration the
     E-step :math:`\tau_{jh} \propto \pi_h(x^m_j) N(y_j; w_h^T x^c_j, \sigma_h^2)`, one
     Newton step for ``v`` with step halving (:func:`_numpy_mixing_step`), weighted least
-    squares for each ``w_h`` and
-    :math:`\sigma_h^2 = (\sum_j \tau_{jh} r_{jh}^2 + q_c\,\sigma_h^{2,\text{old}}) / \sum_j \tau_{jh}`
-    plus ``variance_floor`` times the variance of ``y`` (the model's floor; the REML
-    correction :math:`\operatorname{tr}(G_h\,\operatorname{Cov}\hat w_h)` equals
-    :math:`q_c \sigma_h^2`).
+    squares for each ``w_h`` with the model's ridge :math:`\delta n I` (``delta`` the
+    variance floor; the Newton information of ``v`` gets the same ridge), and
+    :math:`\sigma_h^2 = (\sum_j \tau_{jh} r_{jh}^2 + \sigma_h^{2,\text{old}}\operatorname{tr}(G_h(G_h+\delta nI)^{-1})
+    + \delta n s^2) / (\sum_j \tau_{jh} + \delta n) + \delta s^2`, ``G_h`` the weighted
+    Gram matrix and ``s^2`` the variance of ``y`` (the REML correction, a prior count of
+    :math:`\delta n` rows at the response variance, and the variance floor).
 
     Args:
         y: responses ``[n]``.
@@ -157,7 +158,7 @@ def numpy_independence_em(y, x_comp, x_mix, v, w, sigma2, num_iterations: int, v
         w: start of the component coefficients ``[g, q_c]``.
         sigma2: start of the residual variances ``[g]``.
         num_iterations: EM iterations to run (no stopping rule).
-        variance_floor: ``variance_floor * var(y)`` is added to each updated variance.
+        variance_floor: the model's ``variance_floor`` :math:`\delta`.
 
     Returns:
         ``(v, w, sigma2, loglik)`` after ``num_iterations`` iterations, ``loglik`` the
@@ -165,8 +166,8 @@ def numpy_independence_em(y, x_comp, x_mix, v, w, sigma2, num_iterations: int, v
     """
     for _ in range(num_iterations):
         tau = softmax(_numpy_log_joint(y, x_comp, x_mix, v, w, sigma2), axis=1)
-        v = _numpy_mixing_step(v, x_mix, tau)
-        w, sigma2 = _numpy_component_step(y, x_comp, tau, sigma2, variance_floor * np.var(y))
+        v = _numpy_mixing_step(v, x_mix, tau, variance_floor * len(y))
+        w, sigma2 = _numpy_component_step(y, x_comp, tau, sigma2, variance_floor)
     return v, w, sigma2, float(logsumexp(_numpy_log_joint(y, x_comp, x_mix, v, w, sigma2), axis=1).sum())
 
 
@@ -182,12 +183,12 @@ def _numpy_log_joint(y, x_comp, x_mix, v, w, sigma2):
     return log_softmax(_numpy_logits(v, x_mix), axis=1) + log_density
 
 
-def _numpy_mixing_step(v, x_mix, tau):
+def _numpy_mixing_step(v, x_mix, tau, ridge):
     r"""One Newton step on :math:`Q(v) = \sum_{jh} \tau_{jh} \log \pi_h(x_j; v)`, halved until ``Q`` does not drop.
 
     Gradient :math:`\sum_j (\tau_{jh} - \pi_{jh}) x_j`; information
     :math:`\sum_j (\operatorname{diag}\pi_j - \pi_j\pi_j^T)_{hk}\, x_j x_j^T` over the
-    ``g - 1`` free components.
+    ``g - 1`` free components, plus ``ridge`` times the identity (a damping).
     """
     g1, q = v.shape
 
@@ -198,7 +199,8 @@ def _numpy_mixing_step(v, x_mix, tau):
     grad = ((tau[:, :g1] - pi).T @ x_mix).ravel()
     weight = pi[:, :, None] * (np.eye(g1) - pi[:, None, :])  # [n, g-1, g-1]
     info = np.tensordot(weight[..., None] * x_mix[:, None, None, :], x_mix, axes=(0, 0))  # [h, k, a, c]
-    step = solve(info.transpose(0, 2, 1, 3).reshape(g1 * q, g1 * q), grad, assume_a="pos").reshape(g1, q)
+    info = info.transpose(0, 2, 1, 3).reshape(g1 * q, g1 * q) + ridge * np.eye(g1 * q)
+    step = solve(info, grad, assume_a="pos").reshape(g1, q)
     base, t = objective(v), 1.0
     value = objective(v + step)
     while not value >= base and t > 2.0**-30:
@@ -208,12 +210,16 @@ def _numpy_mixing_step(v, x_mix, tau):
 
 
 def _numpy_component_step(y, x, tau, sigma2, variance_floor):
-    """Weighted least squares per component and the REML-corrected residual variances."""
+    """Ridge-weighted least squares per component and the REML-corrected residual variances."""
+    n, q = x.shape
+    prior_count, scale = variance_floor * n, np.var(y)
     gram = np.tensordot(tau[:, :, None] * x[:, None, :], x, axes=(0, 0))  # [g, q, q]
-    w = np.linalg.solve(gram, ((tau * y[:, None]).T @ x)[..., None])[..., 0]
+    inverse = np.linalg.inv(gram + prior_count * np.eye(q))
+    w = np.einsum("hab,hb->ha", inverse, (tau * y[:, None]).T @ x)
     resid = y[:, None] - x @ w.T
-    scatter = np.sum(tau * resid**2, axis=0) + x.shape[1] * sigma2
-    return w, scatter / tau.sum(axis=0) + variance_floor
+    correction = sigma2 * np.einsum("hab,hba->h", gram, inverse)  # sum_j tau_j Var(x_j' w_h)
+    scatter = np.sum(tau * resid**2, axis=0) + correction + prior_count * scale
+    return w, scatter / (tau.sum(axis=0) + prior_count) + variance_floor * scale
 
 
 def _numpy_peer(args, design: MixtureDesign, key) -> dict:
