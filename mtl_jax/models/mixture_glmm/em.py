@@ -107,7 +107,7 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     pi = jax.nn.softmax(mixing_logits(v, design.x_mix, a[design.task]), axis=-1)[:, :g1]
     weights = diag_embed(pi) - pi[:, :, None] * pi[:, None, :]  # -d2 Q / d eta2, [n, g1, g1]
     grads = tau[:, :g1] - pi  # d Q / d eta
-    random_rows = jnp.broadcast_to(jnp.eye(g1, dtype=dtype), (design.y.shape[0], r, g1))
+    random_rows = jnp.broadcast_to(jnp.eye(g1, dtype=dtype)[:r], (design.y.shape[0], r, g1))
     solution = bordered_solve(
         kron_rows(design.x_mix, g1),
         random_rows,
@@ -190,7 +190,7 @@ def _component_update(model, design: MixtureDesign, tau, cov, var, scale, update
     prec = psd_inverse(cov)
     weights = tau[:, None, None] * prec
     fixed_rows = kron_rows(x, p)
-    random_rows = jnp.broadcast_to(jnp.eye(p, dtype=dtype), (n, p if with_effects else 0, p))
+    random_rows = jnp.broadcast_to(jnp.eye(p, dtype=dtype)[: p if with_effects else 0], (n, p if with_effects else 0, p))
     prior_prec = diag_embed(1.0 / var) if with_effects else jnp.zeros((0, 0), dtype)
     ridge = _ridge(model, q * p, n, dtype) * jnp.max(jnp.diagonal(prec))
     solution = bordered_solve(fixed_rows, random_rows, weights, y @ prec * tau[:, None], task, K, prior_prec,
