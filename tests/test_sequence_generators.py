@@ -68,10 +68,11 @@ def test_hmm_forward_equals_path_enumeration(halting):
     rng = np.random.default_rng(1)
     (pi, A, B), params = _hmm(rng, 3, 4, halting)
     model = HMM(num_symbols=4, num_states=3, halting=halting)
+    log_prob = jax.jit(model.log_prob)
     for T in range(1, 6):
         x = rng.integers(0, 4, size=T)
         expected = np.log(_paths_prob(pi, A, B[:, x].T, halting))
-        np.testing.assert_allclose(model.log_prob(params, _pad(x), T), expected, rtol=1e-12)
+        np.testing.assert_allclose(log_prob(params, _pad(x), T), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("halting", [True, False])
@@ -81,11 +82,12 @@ def test_gaussian_hmm_forward_equals_path_enumeration(halting):
     mean, var = np.array([-1.0, 2.0]), np.array([0.5, 2.0])
     params = GaussianHMMParams(jnp.log(pi), jnp.log(A), jnp.asarray(mean), jnp.log(var))
     model = GaussianHMM(num_states=2, halting=halting)
+    log_prob = jax.jit(model.log_prob)
     for T in range(1, 6):
         x = rng.normal(size=T)
         obs = norm.pdf(x[:, None], mean, np.sqrt(var))
         expected = np.log(_paths_prob(pi, A, obs, halting))
-        np.testing.assert_allclose(model.log_prob(params, _pad(x), T), expected, rtol=1e-12)
+        np.testing.assert_allclose(log_prob(params, _pad(x), T), expected, rtol=1e-12)
 
 
 def _all_strings(V, max_length, pad=16):
@@ -148,16 +150,14 @@ def test_padding_changes_neither_value_nor_gradient(name):
     else:
         x, garbage = rng.normal(size=5), 100 * rng.normal(size=16)
 
-    def value_and_grad(seq):
-        return jax.value_and_grad(model.log_prob)(params, seq, 5)
-
-    exact = value_and_grad(jnp.asarray(x))
+    value_and_grad = jax.jit(jax.value_and_grad(model.log_prob))
+    exact = value_and_grad(params, jnp.asarray(x), 5)
     for padded in (_pad(x), _pad(x, fill=garbage)):
-        value, grad = value_and_grad(padded)
+        value, grad = value_and_grad(params, padded, 5)
         np.testing.assert_allclose(value, exact[0], rtol=1e-13)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-13), grad, exact[1])
     # A padding row (length 0) scores 0 with zero gradient.
-    value, grad = jax.value_and_grad(model.log_prob)(params, _pad(x), 0)
+    value, grad = value_and_grad(params, _pad(x), 0)
     assert value == 0 and all(np.all(g == 0) for g in jax.tree.leaves(grad))
 
 
@@ -234,7 +234,7 @@ def test_hmm_gradient_counts_equal_forward_backward(halting):
     tokens, lengths = _corpus(rng, 4, 6, 7)
     weights = rng.uniform(size=(6, 2))
     model = HMM(num_symbols=4, num_states=3, halting=halting)
-    counts = model.expected_counts(params, jnp.asarray(tokens), jnp.asarray(lengths), weights)
+    counts = jax.jit(model.expected_counts)(params, jnp.asarray(tokens), jnp.asarray(lengths), weights)
     for k, ((pi, A, B), _) in enumerate(probs):
         init, trans, emit = np.zeros(3), np.zeros_like(A), np.zeros((3, 4))
         for s in range(6):
@@ -258,7 +258,7 @@ def test_gaussian_hmm_m_step_equals_forward_backward_update():
     values = rng.normal(size=(5, 8)) * (np.arange(8) < lengths[:, None])
     weights = rng.uniform(size=(5, 1))
     model = GaussianHMM(num_states=2, pseudo_count=0.3, prior_mean=0.2, prior_variance=2.0)
-    new = model.m_step(params, jnp.asarray(values), jnp.asarray(lengths), weights)
+    new = jax.jit(model.m_step)(params, jnp.asarray(values), jnp.asarray(lengths), weights)
     init, trans, n, sx = 0.3 + np.zeros(2), 0.3 + np.zeros_like(A), np.zeros(2), np.zeros(2)
     occupancies = []
     for s in range(5):
@@ -298,13 +298,15 @@ def test_m_steps_increase_the_weighted_objective(name):
     weights = jnp.asarray(rng.dirichlet(np.ones(2), size=20))
     score = jax.vmap(jax.vmap(model.log_prob, (None, 0, 0)), (0, None, None), 1)
 
+    @jax.jit
     def objective(params):
         return jnp.sum(weights * score(params, x, jnp.asarray(lengths))) + _log_prior(model, params)
 
+    step = jax.jit(lambda params: model.m_step(params, x, jnp.asarray(lengths), weights))
     params = model.init(jax.random.PRNGKey(3), 2)
     trace = [objective(params)]
     for _ in range(8):
-        params = model.m_step(params, x, jnp.asarray(lengths), weights)
+        params = step(params)
         trace.append(objective(params))
     assert np.all(np.diff(trace) >= -1e-9), trace
     assert trace[-1] > trace[0] + 1.0
