@@ -125,6 +125,11 @@ def test_error_empty_sequence_names_row_and_task():
         SequenceData.from_lists({"A": [""]})
 
 
+def test_error_no_sequences_at_all():
+    with pytest.raises(DataError, match="there are no sequences"):
+        SequenceData.from_lists({"A": []})
+
+
 def test_error_listed_task_without_sequences():
     with pytest.raises(DataError, match=r"task\(s\) \['B'\] listed in task_names have no"):
         SequenceData.from_lists({"A": ["a"]}, task_names=("A", "B"))

@@ -119,13 +119,13 @@ def test_halting_models_are_distributions_over_finite_strings():
     assert total > 0.9  # the bound is not vacuous
     # Without halting: prefix probabilities of all strings of one length sum to 1.
     exactly = lengths == 5
-    (_, _, _), params = _hmm(rng, 2, 2, False)
+    _, params = _hmm(rng, 2, 2, False)
     free = HMM(num_symbols=2, num_states=2, halting=False)
     log_p = jax.vmap(free.log_prob, (None, 0, 0))(params, tokens[exactly], lengths[exactly])
     np.testing.assert_allclose(jnp.sum(jnp.exp(log_p)), 1.0, rtol=1e-12)
 
 
-def _random_params(name, model, rng):
+def _random_params(model, rng):
     """One topic of random parameters with strictly positive probabilities."""
     return jax.tree.map(lambda x: x[0], model.init(jax.random.PRNGKey(int(rng.integers(1000))), 2))
 
@@ -144,7 +144,7 @@ MODELS = {
 def test_padding_changes_neither_value_nor_gradient(name):
     rng = np.random.default_rng(4)
     model = MODELS[name]
-    params = _random_params(name, model, rng)
+    params = _random_params(model, rng)
     if model.observations == "tokens":
         x, garbage = rng.integers(0, 3, size=5), rng.integers(0, 3, size=16)
     else:
@@ -317,7 +317,7 @@ def test_float32_forward_at_T_20000(name):
     rng = np.random.default_rng(10)
     T = 20_000
     model = MODELS[name]
-    params = _random_params(name, model, rng)
+    params = _random_params(model, rng)
     x = rng.integers(0, 3, size=T) if name == "hmm" else rng.normal(size=T)
     exact = model.log_prob(params, jnp.asarray(x), T)
     single = model.log_prob(

@@ -180,10 +180,13 @@ class SequenceData(eqx.Module):
         return _encode_discrete(records, alphabet, task_names, deduplicate, allow_empty_tasks)
 
     @classmethod
-    def from_csv(cls, path: str | Path, *, task: str, sequence: str, **options: Any) -> SequenceData:
+    def from_csv(
+        cls, path: str | Path, *, task: str, sequence: str, **options: Any
+    ) -> SequenceData:
         """Reads a CSV file (sequences kept as strings) and encodes it with :meth:`from_frame`."""
-        frame = pd.read_csv(path, dtype={task: str, sequence: str}, keep_default_na=False,
-                            na_values=[""])
+        frame = pd.read_csv(
+            path, dtype={task: str, sequence: str}, keep_default_na=False, na_values=[""]
+        )
         return cls.from_frame(frame, task=task, sequence=sequence, **options)
 
     @classmethod
@@ -222,14 +225,19 @@ class SequenceData(eqx.Module):
             )
         observations = _floats(frame, value, task_labels, "value")
         keyed = pd.DataFrame(
-            {"task": task_labels, "id": ids, "pos": order_key.to_numpy(), "row": np.arange(len(frame))}
+            {
+                "task": task_labels,
+                "id": ids,
+                "pos": order_key.to_numpy(),
+                "row": np.arange(len(frame)),
+            }
         )
         repeated = keyed.duplicated(["task", "id", "pos"]).to_numpy()
         if repeated.any():
             row = int(np.argmax(repeated))
             raise DataError(
-                f"position {_label(keyed['pos'].iloc[row])!r} of sequence {ids[row]!r} is repeated at "
-                f"{_where(frame, row, task_labels)}"
+                f"position {_label(keyed['pos'].iloc[row])!r} of sequence {ids[row]!r} is "
+                f"repeated at {_where(frame, row, task_labels)}"
             )
         keyed = keyed.sort_values(["pos"], kind="stable")
         groups = sorted(keyed.groupby(["task", "id"], sort=False), key=lambda g: g[1]["row"].min())
@@ -323,6 +331,8 @@ def _encode(
         if empty:
             raise DataError(f"task(s) {empty} listed in task_names have no sequences")
 
+    if not records:
+        raise DataError("there are no sequences")
     rows: dict[Any, int] = {}
     sequences, task, counts = [], [], []
     for label, sequence, _ in records:

@@ -86,7 +86,9 @@ class GaussianHMM:
             jnp.full((K, S), jnp.log(self.prior_variance)),
         )
 
-    def _log_obs(self, params: GaussianHMMParams, values: Float[Array, " L"]) -> Float[Array, "L S"]:
+    def _log_obs(
+        self, params: GaussianHMMParams, values: Float[Array, " L"]
+    ) -> Float[Array, "L S"]:
         """Log emission densities of every position under every state."""
         return Normal(params.mean, jnp.exp(0.5 * params.log_var)).log_prob(values[:, None])
 
@@ -104,7 +106,12 @@ class GaussianHMM:
         lengths: Int[Array, " N"],
         weights: Float[Array, "N K"],
     ) -> tuple[Float[Array, "K S"], Float[Array, "K S W"], Float[Array, "K N L S"]]:
-        r"""Weighted expected initial states, moves/ENDs and occupancies :math:`w_n \gamma_{nls}`."""
+        r"""Weighted expected initial states, moves/ENDs and occupancies.
+
+        Returns:
+            Per topic: expected initial states ``[K, S]``, moves and ENDs ``[K, S, W]``,
+            and occupancies :math:`w_{nk} \gamma_{nls}` ``[K, N, L, S]``.
+        """
         log_obs = jax.vmap(jax.vmap(self._log_obs, (None, 0)), (0, None))(params, values)
 
         def objective(log_init, log_trans, log_obs_one, weights_one):
@@ -133,7 +140,8 @@ class GaussianHMM:
         a, m0 = self.pseudo_count, self.prior_mean
         total = jnp.sum(occupancy, axis=(1, 2)) + a
         mean = (jnp.einsum("knls,nl->ks", occupancy, values) + a * m0) / total
-        spread = jnp.einsum("knls,knls->ks", occupancy, (values[None, :, :, None] - mean[:, None, None]) ** 2)
+        deviation = values[None, :, :, None] - mean[:, None, None]
+        spread = jnp.einsum("knls,knls->ks", occupancy, deviation**2)
         var = (spread + a * (mean - m0) ** 2 + a * self.prior_variance) / total
         return GaussianHMMParams(
             log_normalize(init, a), log_normalize(trans, a), mean, jnp.log(var)
