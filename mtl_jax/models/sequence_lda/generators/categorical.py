@@ -54,6 +54,13 @@ class Categorical:
         mask = jnp.arange(tokens.shape[0]) < length
         return jnp.sum(jnp.where(mask, params.log_beta[tokens], 0.0))
 
+    def log_prior(self, params: CategoricalParams) -> Float[Array, ""]:
+        r"""Log of the ``Dirichlet(1 + a)`` prior the M-step's MAP maximises, up to a constant.
+
+        :math:`a \sum_{k,v} \log \beta_{kv}` (``a = pseudo_count``; 0 when ``a = 0``).
+        """
+        return self.pseudo_count * jnp.sum(params.log_beta) if self.pseudo_count else jnp.zeros(())
+
     def m_step(
         self,
         params: CategoricalParams,

@@ -99,6 +99,20 @@ class GaussianHMM:
         log_obs = self._log_obs(params, values)
         return forward(params.log_init, params.log_trans, log_obs, length, self.halting)[0]
 
+    def log_prior(self, params: GaussianHMMParams) -> Float[Array, ""]:
+        r"""Log of the prior the M-step's MAP maximises, up to a constant.
+
+        :math:`a (\sum \log \pi + \sum \log A) + \sum_{k,s} \bigl(-\tfrac a2 \log \sigma^2_{ks}
+        - a \frac{(\mu_{ks} - m_0)^2 + v_0}{2 \sigma^2_{ks}}\bigr)` (module docstring); 0 when ``a = 0``.
+        """
+        a = self.pseudo_count
+        if not a:
+            return jnp.zeros(())
+        process = jnp.sum(params.log_init) + jnp.sum(params.log_trans)
+        spread = (params.mean - self.prior_mean) ** 2 + self.prior_variance
+        emission = -0.5 * params.log_var - spread / (2.0 * jnp.exp(params.log_var))
+        return a * (process + jnp.sum(emission))
+
     def expected_counts(
         self,
         params: GaussianHMMParams,

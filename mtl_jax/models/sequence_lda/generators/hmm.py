@@ -163,6 +163,15 @@ class HMM:
         log_obs = params.log_emit[:, tokens].T
         return forward(params.log_init, params.log_trans, log_obs, length, self.halting)[0]
 
+    def log_prior(self, params: HMMParams) -> Float[Array, ""]:
+        r"""Log of the ``Dirichlet(1 + a)`` row priors the M-step's MAP maximises, up to a constant.
+
+        :math:`a` times the sum of every log-probability (``a = pseudo_count``; 0 when ``a = 0``).
+        """
+        if not self.pseudo_count:
+            return jnp.zeros(())
+        return self.pseudo_count * sum(jnp.sum(leaf) for leaf in params)
+
     def expected_counts(
         self,
         params: HMMParams,

@@ -102,6 +102,15 @@ class Markov:
         steps = jnp.sum(jnp.where(mask, params.log_trans.reshape(-1)[index], 0.0))
         return jnp.where(length > 0, params.log_init[tokens[0]], 0.0) + steps
 
+    def log_prior(self, params: MarkovParams) -> Float[Array, ""]:
+        r"""Log of the ``Dirichlet(1 + a)`` row priors the M-step's MAP maximises, up to a constant.
+
+        :math:`a (\sum \log \pi + \sum \log A)` (``a = pseudo_count``; 0 when ``a = 0``).
+        """
+        if not self.pseudo_count:
+            return jnp.zeros(())
+        return self.pseudo_count * (jnp.sum(params.log_init) + jnp.sum(params.log_trans))
+
     def m_step(
         self,
         params: MarkovParams,
