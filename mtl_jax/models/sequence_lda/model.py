@@ -188,7 +188,8 @@ class SequenceLDA:
         Known tasks: :math:`\gamma_t / \sum_k \gamma_{tk}`; unseen tasks (id ``>= T``):
         the prior mean :math:`\alpha / \sum_k \alpha_k`. Padding rows score 0.
         """
-        return logsumexp(self._log_lik(params, design) + self.topic_log_weights(params, design.task), axis=-1)
+        mixture = logsumexp(self._log_lik(params, design) + self.topic_log_weights(params, design.task), axis=-1)
+        return jnp.where(design.lengths > 0, mixture, 0.0)
 
     def predict(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, " S"]:
         """The per-sequence log-probability under its task's mixture (as :meth:`log_predictive`)."""
