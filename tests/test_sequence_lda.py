@@ -81,7 +81,7 @@ def test_elbo_is_below_the_brute_force_log_marginal_and_the_gap_shrinks():
     gaps = [exact - float(SequenceLDA(2, "categorical", inner_iterations=i).score(params, data)) for i in (1, 50)]
     assert gaps[0] >= 0 and gaps[1] >= 0
     assert gaps[1] <= gaps[0]
-    assert gaps[1] < 0.5  # a tight bound at this size (measured about 0.1)
+    assert gaps[1] < 0.5  # measured 0.416 (0.562 with one round)
 
 
 @pytest.mark.parametrize("truth,symmetric", [((0.8, 0.8, 0.8), True), ((0.5, 1.0, 2.0), False)])

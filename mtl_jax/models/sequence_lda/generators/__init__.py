@@ -11,6 +11,9 @@ NamedTuple of log-probabilities with a leading topic axis ``[K, ...]``:
 ``m_step(params, x [N, L], lengths [N], weights [N, K]) -> params``
     Maximises :math:`\\sum_n \\sum_k w_{nk} \\log P_k(x_n)` plus the Dirichlet prior (closed
     form, or one Baum-Welch step for the HMMs); weights include multiplicities.
+``log_prior(params) -> scalar``
+    The log of the prior the M-step's MAP maximises (up to a constant), so that
+    variational EM can report an objective that never decreases.
 ``next_symbol_log_probs(params_one_topic, tokens [L], length) -> [L + 1, V + 1]``
     Discrete generators: next-outcome log-distribution (``V`` symbols, then HALT) after
     each prefix.
