@@ -10,6 +10,9 @@ Shapes (``S`` rows after deduplication and bucketing, ``L`` the bucketed maximum
   ``values [S, L]`` float (real-valued data); positions ``>= lengths[s]`` hold 0 and are
   masked by ``lengths``, never by a sentinel value.
 * ``lengths [S]`` int32, ``task [S]`` int32 task ids, ``counts [S]`` float multiplicities.
+* ``source_row [N]`` int32: the stored row of each of the ``N`` input sequences, in input
+  order (for :meth:`SequenceData.from_frame`, the frame's rows), so per-row answers map
+  back to the input with ``answers[source_row]``.
 
 Encoding rules:
 
@@ -87,6 +90,9 @@ class SequenceData(eqx.Module):
         counts: Multiplicity of each row, float ``[S]`` (0 for padding rows).
         task_names: Label of each task id, length K (static).
         alphabet: Symbol of each token id (static); None for real-valued data.
+        source_row: Stored row of each input sequence, int32 ``[N]`` in input order
+            (duplicates share a row); None once dropped (a model's design drops it, so
+            compiled code depends on the bucketed shapes only).
     """
 
     tokens: Int[Array, "S L"] | None
@@ -96,6 +102,7 @@ class SequenceData(eqx.Module):
     counts: Float[Array, " S"]
     task_names: tuple[str, ...] = eqx.field(static=True)
     alphabet: tuple[str, ...] | None = eqx.field(static=True)
+    source_row: Int[Array, " N"] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -334,13 +341,15 @@ def _encode(
     if not records:
         raise DataError("there are no sequences")
     rows: dict[Any, int] = {}
-    sequences, task, counts = [], [], []
+    sequences, task, counts, source_row = [], [], [], []
     for label, sequence, _ in records:
         key = (label, sequence.tobytes()) if deduplicate else len(sequences)
         if key in rows:
             counts[rows[key]] += 1.0
+            source_row.append(rows[key])
             continue
         rows[key] = len(sequences)
+        source_row.append(rows[key])
         sequences.append(sequence)
         task.append(ids[label])
         counts.append(1.0)
@@ -362,4 +371,5 @@ def _encode(
         counts=jnp.asarray(np.asarray(counts + [0.0] * pad)),
         task_names=tuple(ids),
         alphabet=alphabet,
+        source_row=jnp.asarray(np.asarray(source_row, dtype=np.int32)),
     )

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 from scipy.optimize import linear_sum_assignment
 
 from mtl_jax.data.sequences import SequenceData
+from mtl_jax.data.tabular import DataError
 from mtl_jax.models.protocol import register
 from mtl_jax.models.sequence_lda import vem
 from mtl_jax.models.sequence_lda.generators import GENERATORS, HMM, Categorical, GaussianHMM, Markov
@@ -56,6 +59,9 @@ class SequenceLDA:
         pseudo_count: the topics' Dirichlet (MAP) pseudo-count.
         alpha: ``"symmetric"`` (one concentration) or ``"asymmetric"`` (one per topic).
         inner_iterations: E-step rounds of the ``phi`` / ``gamma`` updates per EM step.
+        task_column: the CSV column of task labels (``None``: the model reads no frames).
+        sequence_column: the CSV column of sequences (strings split by ``tokens``).
+        tokens: ``"chars"`` (one symbol per character) or ``"whitespace"``.
     """
 
     num_topics: int
@@ -65,6 +71,9 @@ class SequenceLDA:
     pseudo_count: float = 0.01
     alpha: str = "symmetric"
     inner_iterations: int = 20
+    task_column: str | None = None
+    sequence_column: str | None = None
+    tokens: str = "chars"
 
     name: ClassVar[str] = "sequence-lda"
     methods: ClassVar[frozenset] = frozenset({"em"})
@@ -111,7 +120,10 @@ class SequenceLDA:
 
     # --------------------------------------------------------------- data
     def design(self, data) -> SequenceData:
-        """A :class:`SequenceData` passes through (checked against the generator).
+        """A :class:`SequenceData` (checked against the generator) without its ``source_row``.
+
+        Dropping ``source_row`` (one entry per input row, not bucketed) keeps compiled
+        code dependent on the bucketed shapes only.
 
         Raises:
             ValueError: for other data, or data of the wrong kind for the generator.
@@ -119,7 +131,7 @@ class SequenceLDA:
         if not isinstance(data, SequenceData):
             raise ValueError(f"sequence-lda needs a SequenceData, got {type(data).__name__}")
         self.make_generator(data.alphabet)
-        return data
+        return dataclasses.replace(data, source_row=None)
 
     def labels(self, data) -> dict[str, Any]:
         """``task_names`` and ``alphabet`` (``None`` for real-valued data)."""
@@ -299,8 +311,45 @@ class SequenceLDA:
         if args.topics is None:
             raise ValueError("--topics is required for --model sequence-lda")
         return cls(num_topics=args.topics, generator=args.generator, num_states=args.states,
-                   halting=args.halting, alpha=args.alpha, inner_iterations=args.inner_iterations)
+                   halting=args.halting, alpha=args.alpha, inner_iterations=args.inner_iterations,
+                   task_column=args.task, sequence_column=args.sequence, tokens=args.tokens)
 
-    def covariates_used(self) -> tuple[str, ...]:
-        """No covariates."""
-        return ()
+    @classmethod
+    def add_data_arguments(cls, parser) -> None:
+        """Data options of ``mtl-jax fit --model sequence-lda``: one sequence (a string) per CSV row."""
+        group = parser.add_argument_group("data options (sequence-lda)")
+        group.add_argument("--task", required=True, help="column holding the task labels")
+        group.add_argument("--sequence", required=True, metavar="COL", help="column holding the sequences")
+        group.add_argument("--alphabet", type=Path, metavar="FILE", default=None,
+                           help="symbols in id order, one per line (default: the sorted symbols of the data)")
+        group.add_argument("--tokens", choices=("chars", "whitespace"), default="chars",
+                           help="how a sequence splits into symbols (default: chars)")
+
+    def data_from_frame(self, frame, args: argparse.Namespace | None = None, *, labels: dict | None = None,
+                        schema=None, require_response: bool = False) -> SequenceData:
+        """Encodes a frame of sequences: training data from ``args``, new data from a fit's ``labels``.
+
+        Training (``args`` given): the alphabet of ``--alphabet`` or the data's sorted
+        symbols. New data (``labels`` given): the fit's alphabet and task ids; tasks unseen
+        in training get ids ``>= K`` (the prior mean answers them). The result's
+        ``source_row`` maps each frame row to its stored (deduplicated) row. An encoded
+        :class:`SequenceData` passes through unchanged. ``schema`` and
+        ``require_response`` are unused (a sequence is its own response).
+
+        Raises:
+            DataError: for a missing column or value, a sequence column read as numbers,
+                an empty sequence or a symbol outside the alphabet (naming the row).
+            ValueError: for a model without ``task_column`` / ``sequence_column``.
+        """
+        if isinstance(frame, SequenceData):
+            return frame
+        if self.task_column is None or self.sequence_column is None:
+            raise ValueError("this sequence-lda model has no task_column/sequence_column to read a frame with")
+        column = frame.get(self.sequence_column)
+        if column is not None and not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)):
+            raise DataError(f"column {self.sequence_column!r} holds numbers ({column.dtype}), not sequence strings")
+        options = dict(task=self.task_column, sequence=self.sequence_column, tokens=self.tokens)
+        if labels is None:
+            return SequenceData.from_frame(frame, alphabet=args.alphabet, **options)
+        return SequenceData.from_frame(frame, alphabet=labels["alphabet"], task_names=labels["task_names"],
+                                       allow_empty_tasks=True, **options)
