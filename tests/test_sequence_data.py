@@ -64,9 +64,12 @@ def test_sizes_share_a_bucket_and_padding_rows_are_empty():
     assert pad.sum() == 4
     assert np.all(np.asarray(large.counts)[pad] == 0)
     assert np.all(np.asarray(large.tokens)[pad] == 0)
-    # A pytree: arrays are leaves; names and alphabet are static.
+    # A pytree: arrays (source_row included) are leaves; names and alphabet are static.
     leaves = jax.tree_util.tree_leaves(small)
-    assert len(leaves) == 4
+    assert len(leaves) == 5
+    np.testing.assert_array_equal(small.source_row, [0, 1])
+    repeated = SequenceData.from_lists({"A": ["ab", "b", "ab"], "B": ["ab"]})
+    np.testing.assert_array_equal(repeated.source_row, [0, 1, 0, 2])  # input order, duplicates share a row
     same = jax.tree_util.tree_map(lambda x: x, small)
     assert same.alphabet == small.alphabet and same.task_names == small.task_names
 
