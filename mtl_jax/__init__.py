@@ -12,7 +12,9 @@ from mtl_jax.data import DataError, TaskData, data_dir, train_test_split_by_task
 from mtl_jax.infer.fit import FitWarning, fit
 from mtl_jax.infer.results import Fit
 from mtl_jax.models import MODELS, model_class
+from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
+from mtl_jax.models.sequence_lda import SequenceLDA, SequenceLDAParams
 
 __all__ = [
     "MODELS",
@@ -23,6 +25,9 @@ __all__ = [
     "MixtureGLMM",
     "MixtureParams",
     "MixturePriors",
+    "SequenceData",
+    "SequenceLDA",
+    "SequenceLDAParams",
     "TaskData",
     "data_dir",
     "fit",

@@ -40,7 +40,6 @@ import pandas as pd
 import yaml
 
 import mtl_jax
-from mtl_jax.data import TaskData
 from mtl_jax.infer.fit import BACKEND_OPTIONS, BACKENDS, FitWarning, fit
 from mtl_jax.infer.results import Fit
 from mtl_jax.models.protocol import MODELS, model_class, supports
@@ -108,16 +107,9 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
     fit_.add_argument("data", type=Path, help="CSV file, one row per observation")
     fit_.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS) or [DEFAULT_MODEL],
                       help=f"model family (default: {DEFAULT_MODEL})")
-    data = fit_.add_argument_group("data options (every model)")
-    data.add_argument("--task", required=True, help="column holding the task labels")
-    data.add_argument("--response", required=True, nargs="+", metavar="COL", help="response column(s)")
-    data.add_argument("--covariates", required=True, nargs="+", metavar="COL", help="covariate columns")
-    data.add_argument("--categorical", nargs="+", default=[], metavar="COL",
-                      help="covariates to dummy-code (non-numeric columns always are)")
-    data.add_argument("--no-standardize", dest="standardize", action="store_false",
-                      help="use continuous covariates unscaled")
     cls = model_class(model_name) if model_name in MODELS or model_name == DEFAULT_MODEL else None
     if cls is not None:
+        cls.add_data_arguments(fit_)
         cls.add_arguments(fit_)
     inference = fit_.add_argument_group("inference options")
     inference.add_argument("--method", required=True, choices=sorted(BACKENDS), help="inference backend")
@@ -164,11 +156,10 @@ def _fit(args: argparse.Namespace) -> None:
     if not supports(model, args.method):
         raise ValueError(f"model {args.model!r} has no method {args.method!r}; "
                          f"choose one of {sorted(set(model.methods) & set(BACKENDS))}")
-    sources = list(dict.fromkeys([*args.covariates, *model.covariates_used()]))
-    data = TaskData.from_csv(args.data, task=args.task, response=args.response, covariates=sources,
-                             categorical=args.categorical, standardize=args.standardize)
+    data = model.data_from_frame(pd.read_csv(args.data), args)
     shown = ", ".join(f"{key}={value}" for key, value in options.items() if key != "progress")
-    print(f"fitting {args.model} to {data.num_obs} rows in {data.num_tasks} tasks with {args.method.upper()}"
+    rows = model.num_observations(model.design(data))
+    print(f"fitting {args.model} to {rows} rows in {data.num_tasks} tasks with {args.method.upper()}"
           + (f" ({shown})" if shown else "") + " ...", flush=True)
     with warnings.catch_warnings():  # printed below, once each
         warnings.simplefilter("ignore", FitWarning)

@@ -7,6 +7,7 @@ from mtl_jax.data.ilea import (
     load_ilea,
     with_derived_columns,
 )
+from mtl_jax.data.sequences import SequenceData, read_alphabet, write_alphabet
 from mtl_jax.data.settings import DATA_DIR_ENV, data_dir
 from mtl_jax.data.tabular import (
     INTERCEPT,
@@ -23,10 +24,13 @@ __all__ = [
     "STUDENT_COVARIATES",
     "DataError",
     "Schema",
+    "SequenceData",
     "TaskData",
     "data_dir",
     "ilea_task_data",
     "load_ilea",
+    "read_alphabet",
     "train_test_split_by_task",
     "with_derived_columns",
+    "write_alphabet",
 ]

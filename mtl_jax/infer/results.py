@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mtl_jax.data import Schema, TaskData
+from mtl_jax.data import Schema
 from mtl_jax.models.protocol import model_config, model_from_config
 
 
@@ -146,40 +146,35 @@ class Fit:
         return az.from_dict(posterior=self.model.named_parameters(self.draws, self.labels, leading=2))
 
     # ---------------------------------------------------------- prediction
-    def encode(self, data: TaskData | pd.DataFrame, *, require_response: bool = False):
-        """The model's design for new rows, encoded with the fit's stored schema.
+    def encode(self, data, *, require_response: bool = False):
+        """The model's design for new rows, encoded from what the fit stored (labels, schema).
 
-        Tasks of the training data keep their ids; tasks unseen in training are numbered
-        after them, so the model answers them at population level.
-
-        Raises:
-            ValueError: when ``data`` is a ``TaskData`` encoded with another schema (its
-                covariates would be standardised with other means and sds), or the fit
-                has no schema and ``data`` is a DataFrame.
+        ``data`` is a DataFrame (or data the model encodes itself); the model's
+        ``data_from_frame`` keeps the ids of training tasks and numbers unseen tasks after
+        them, so the model answers them at population level.
         """
-        train = list(self.task_names)
-        if isinstance(data, pd.DataFrame):
-            if self.schema is None:
-                raise ValueError("this fit has no data schema (it was fitted to a raw design); pass a design")
-            extended = train + [name for name in self.schema.task_labels(data) if name not in set(train)]
-            data = self.schema.transform(data, require_response=require_response, task_names=extended)
-        elif isinstance(data, TaskData):
-            if self.schema is not None and data.schema != self.schema:
-                raise ValueError(
-                    "this TaskData was encoded with another schema than the fit's (different columns, levels, "
-                    "means or sds); pass the raw DataFrame, or encode it with fit.schema.transform(frame)")
-            extended = train + [name for name in data.task_names if name not in set(train)]
-            ids = np.asarray([extended.index(name) for name in data.task_names], dtype=np.int32)
-            data = dataclasses.replace(data, task=jnp.asarray(ids[np.asarray(data.task)]), task_names=tuple(extended))
-        return self.model.design(data)
+        return self.model.design(self._new_data(data, require_response))
 
-    def predict(self, data: TaskData | pd.DataFrame) -> np.ndarray:
-        """Predictive means for new rows; unseen tasks get the population-level answer."""
-        return np.asarray(self.model.predict(_as_jax(self.params), self.encode(data)))
+    def predict(self, data) -> np.ndarray:
+        """Predictive means for new rows, in their input order; unseen tasks get the population-level answer."""
+        return self._per_input_row(self.model.predict, data, require_response=False)
 
-    def score(self, data: TaskData | pd.DataFrame) -> np.ndarray:
-        """Natural-log predictive density of each row's response ``[n]`` (unseen tasks: population)."""
-        return np.asarray(self.model.log_predictive(_as_jax(self.params), self.encode(data, require_response=True)))
+    def score(self, data) -> np.ndarray:
+        """Natural-log predictive density of each input row ``[n]`` (unseen tasks: population)."""
+        return self._per_input_row(self.model.log_predictive, data, require_response=True)
+
+    def _new_data(self, data, require_response: bool):
+        """``data`` encoded by the model with the fit's labels and schema."""
+        return self.model.data_from_frame(data, labels=self.labels, schema=self.schema,
+                                          require_response=require_response)
+
+    def _per_input_row(self, answer, data, require_response: bool) -> np.ndarray:
+        """``answer(params, design)`` per input row: data that store rows once (deduplicated,
+        padded) carry ``source_row``, the stored row of each input row."""
+        encoded = self._new_data(data, require_response)
+        values = np.asarray(answer(_as_jax(self.params), self.model.design(encoded)))
+        rows = getattr(encoded, "source_row", None)
+        return values if rows is None else values[np.asarray(rows)]
 
     # --------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:

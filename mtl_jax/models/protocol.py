@@ -45,6 +45,16 @@ Required (every model):
     Readable JSON entries of a saved fit (estimates by name, effects per task).
 ``add_arguments(parser)`` / ``from_arguments(args)`` (class methods)
     The model's command-line options and the model built from them.
+``add_data_arguments(parser)`` (class method)
+    The model's data options of ``mtl-jax fit`` (columns, encodings): the CLI names none.
+``data_from_frame(frame, args=None, *, labels=None, schema=None, require_response=False)``
+    Training data (what :meth:`design` takes) from a DataFrame and the parsed options
+    ``args``; or, given a fit's ``labels`` (and ``schema``), new data for prediction and
+    scoring, with training tasks keeping their ids and unseen tasks numbered ``>= K``.
+    Data that store input rows once (deduplicated, padded) carry ``source_row [n_input]``,
+    the stored row of each input row; :class:`mtl_jax.Fit` answers per input row through
+    it. Everything needed to encode new data must be in the model's config, its
+    ``labels`` or the data's ``schema``.
 
 Optional capabilities (checked with ``hasattr``):
 

@@ -40,6 +40,7 @@ import numpyro.distributions as dist
 import pandas as pd
 from jaxtyping import Array, Float
 
+from mtl_jax.data import TaskData
 from mtl_jax.linalg import psd_cholesky
 from mtl_jax.models.mixture_glmm import em, likelihood, variance
 from mtl_jax.models.mixture_glmm.params import POPULATION_FIELDS, MixtureDesign, MixtureParams, MixturePriors
@@ -134,10 +135,6 @@ class MixtureGLMM:
             "mixing_columns": [data.columns[i] for i in data.columns_for(self.mixing_covariates)],
             "response_names": list(data.response_names),
         }
-
-    def covariates_used(self) -> tuple[str, ...]:
-        """Source columns this model reads beyond the data's ``covariates`` (CLI)."""
-        return tuple(self.mixing_covariates or ())
 
     # ------------------------------------------------------------ densities
     def linear_predictors(self, params: MixtureParams, design: MixtureDesign):
@@ -537,14 +534,62 @@ class MixtureGLMM:
         group = parser.add_argument_group("mixture-glmm options")
         group.add_argument("--components", type=int, metavar="G", default=None,
                            help="number of mixture components (required)")
-        group.add_argument("--mixing-covariates", nargs="+", metavar="COL",
-                           help="covariates of the mixing proportions (default: --covariates)")
         group.add_argument("--no-mixing-random-effects", dest="mixing_random_effects", action="store_false",
                            help="drop the task effects in the mixing logits")
         group.add_argument("--no-component-random-effects", dest="component_random_effects",
                            action="store_false", help="drop the task effects in the component means")
         group.add_argument("--residual-update", choices=("reml", "ml"), default="reml",
                            help="residual covariance update (default: reml)")
+
+    @classmethod
+    def add_data_arguments(cls, parser) -> None:
+        """Data options of ``mtl-jax fit --model mixture-glmm``: task, responses, covariates."""
+        data = parser.add_argument_group("data options (mixture-glmm)")
+        data.add_argument("--task", required=True, help="column holding the task labels")
+        data.add_argument("--response", required=True, nargs="+", metavar="COL", help="response column(s)")
+        data.add_argument("--covariates", required=True, nargs="+", metavar="COL", help="covariate columns")
+        data.add_argument("--mixing-covariates", nargs="+", metavar="COL",
+                          help="covariates of the mixing proportions (default: --covariates)")
+        data.add_argument("--categorical", nargs="+", default=[], metavar="COL",
+                          help="covariates to dummy-code (non-numeric columns always are)")
+        data.add_argument("--no-standardize", dest="standardize", action="store_false",
+                          help="use continuous covariates unscaled")
+
+    def data_from_frame(self, frame, args=None, *, labels: dict | None = None, schema=None,
+                        require_response: bool = False):
+        """Encodes a frame: training data from ``args``, new data with a fit's ``schema``.
+
+        Training (``args`` given): a :class:`TaskData` of the ``--covariates`` and
+        ``--mixing-covariates`` columns. New data (``labels`` of a fit): encoded with the
+        stored ``schema`` (levels, means, sds); training tasks keep their ids and unseen
+        tasks are numbered after them. A ``TaskData`` is re-indexed the same way (it must
+        carry the fit's schema); a raw design passes through.
+
+        Raises:
+            ValueError: for a ``TaskData`` of another schema, or a frame when the fit has
+                no schema (it was fitted to a raw design).
+            DataError: for invalid data (missing columns or values, unseen levels ...).
+        """
+        if labels is None:
+            sources = list(dict.fromkeys([*args.covariates, *(self.mixing_covariates or ())]))
+            return TaskData.from_dataframe(frame, task=args.task, response=args.response, covariates=sources,
+                                           categorical=args.categorical, standardize=args.standardize)
+        train = list(labels["task_names"])
+        if isinstance(frame, pd.DataFrame):
+            if schema is None:
+                raise ValueError("this fit has no data schema (it was fitted to a raw design); pass a design")
+            extended = train + [name for name in schema.task_labels(frame) if name not in set(train)]
+            return schema.transform(frame, require_response=require_response, task_names=extended)
+        if isinstance(frame, TaskData):
+            if schema is not None and frame.schema != schema:
+                raise ValueError(
+                    "this TaskData was encoded with another schema than the fit's (different columns, levels, "
+                    "means or sds); pass the raw DataFrame, or encode it with fit.schema.transform(frame)")
+            extended = train + [name for name in frame.task_names if name not in set(train)]
+            ids = np.asarray([extended.index(name) for name in frame.task_names], dtype=np.int32)
+            return dataclasses.replace(frame, task=jnp.asarray(ids[np.asarray(frame.task)]),
+                                       task_names=tuple(extended))
+        return frame
 
     @classmethod
     def from_arguments(cls, args) -> "MixtureGLMM":
