@@ -1,4 +1,8 @@
-"""Small problems shared by several test modules."""
+"""Small problems and helpers shared by several test modules."""
+
+import contextlib
+import io
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +59,16 @@ def set_cell(frame: pd.DataFrame, column: str, row, value) -> pd.DataFrame:
     changed = frame.copy()
     changed.loc[row, column] = value
     return changed
+
+
+def run_main(argv: list[str]) -> SimpleNamespace:
+    """``mtl-jax`` in process: its exit status (0, or a SystemExit code) and printed output."""
+    from mtl_jax.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as exit_info:
+            status = exit_info.code
+    return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())

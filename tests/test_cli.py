@@ -5,9 +5,7 @@ test runs the installed console script in a subprocess (``--version`` and one sh
 The fits are kept small (one EM start, few SVI steps and NUTS draws) and shared per module.
 """
 
-import contextlib
 import importlib
-import io
 import json
 import subprocess
 import sys
@@ -18,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from support import COVARIATES, simulated_frame
+from support import COVARIATES, run_main, simulated_frame
 
 import mtl_jax
 import mtl_jax.cli
@@ -36,17 +34,6 @@ def fit_args(csv: Path, out: Path, *extra: str) -> list[str]:
     """Arguments of an ``mtl-jax fit`` call on the simulated frame's columns."""
     return ["fit", str(csv), "--task", "task", "--response", "y", "--covariates", *COVARIATES,
             "--out", str(out), *extra]
-
-
-def run_main(argv: list[str]) -> SimpleNamespace:
-    """``main(argv)`` with its exit status (0, or a SystemExit code) and printed output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main(argv)
-        except SystemExit as exit_info:
-            status = exit_info.code
-    return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())
 
 
 def read_csv(path: Path) -> pd.DataFrame:

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from mtl_jax.cli import main
+from support import run_main
 
 FIT = ["--model", "sequence-lda", "--task", "task", "--sequence", "seq", "--topics", "2",
        "--generator", "markov", "--method", "em", "--n-init", "1", "--max-iter", "30"]
-
-
-def run_main(argv: list[str]) -> SimpleNamespace:
-    """``main(argv)`` with its exit status (0, or a SystemExit code) and printed output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main(argv)
-        except SystemExit as exit_info:
-            status = exit_info.code
-    return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())
 
 
 def training_frame() -> pd.DataFrame:
