@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.data.tabular import DataError
 from mtl_jax.models.protocol import register
-from mtl_jax.models.sequence_lda import vem
+from mtl_jax.models.sequence_lda import prediction, vem
 from mtl_jax.models.sequence_lda.generators import GENERATORS, HMM, Categorical, GaussianHMM, Markov
 
 ALPHA_MODES = ("symmetric", "asymmetric")
@@ -206,6 +206,38 @@ class SequenceLDA:
     def predict(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, " S"]:
         """The per-sequence log-probability under its task's mixture (as :meth:`log_predictive`)."""
         return self.log_predictive(params, design)
+
+    def next_symbol_log_probs(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, "S L+1 V+1"]:
+        r"""Entry ``[s, j]``: the next-outcome log-distribution (``V`` symbols, HALT) after :math:`x_{s,1:j}`.
+
+        The task's mixture with the topic weights filtered on the prefix,
+        :math:`w_k \propto \bar\theta_{tk} P_k(x_{1:j})` with :math:`\bar\theta_t` as in
+        :meth:`log_predictive` (:func:`.prediction.next_outcome_log_probs`). Rows
+        ``j > lengths[s]`` are padding.
+
+        Raises:
+            ValueError: for real-valued data (no symbols to predict).
+        """
+        if design.alphabet is None:
+            raise ValueError(f"generator {self.generator!r} models real values; next-symbol prediction needs tokens")
+        return prediction.next_outcome_log_probs(self.generator_for(design), params.topics,
+                                                 self.topic_log_weights(params, design.task),
+                                                 design.tokens, design.lengths)
+
+    def score_columns(self, params: SequenceLDAParams, design: SequenceData) -> dict[str, Array]:
+        """Per row: ``next_correct`` / ``next_total``, next outcomes the predictive argmax gets right.
+
+        Over the prefixes ``j = 0 .. length`` (``length + 1`` outcomes, the last one HALT)
+        for Markov/HMM topics with halting, ``j = 0 .. length - 1`` for topics without a
+        HALT outcome (categorical, ``halting=False``); see
+        :func:`.prediction.next_outcome_hits`. Real-valued data: no columns.
+        """
+        if design.alphabet is None:
+            return {}
+        halting = self.halting and self.generator != "categorical"
+        correct, total = prediction.next_outcome_hits(self.next_symbol_log_probs(params, design),
+                                                      design.tokens, design.lengths, halting)
+        return {"next_correct": correct, "next_total": total}
 
     # ------------------------------------------------------------ reading
     def _axis_labels(self, labels: dict) -> dict[str, tuple[list[str], ...]]:
