@@ -12,7 +12,8 @@
 registered model (``--model``, default ``mixture-glmm``; each model adds its own options)
 with any of its backends (``--method``) and saves the :class:`mtl_jax.Fit` as JSON
 (format ``mtl_jax.fit/2``); ``predict`` appends ``pred_<response>`` columns to new rows;
-``score`` appends ``loglik``, each row's natural-log predictive density. Rows of tasks not
+``score`` appends ``loglik``, each row's natural-log predictive density, then any per-row
+columns the model adds (sequence-lda: ``next_correct``, ``next_total``). Rows of tasks not
 seen in training get population-level answers (their random effects integrated out).
 
 Every backend's options are listed by ``mtl-jax fit --help`` (from
@@ -221,10 +222,12 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    """``mtl-jax score``: writes the input rows plus ``loglik`` (natural log predictive density)."""
+    """``mtl-jax score``: writes the input rows plus ``loglik`` (natural log predictive density)
+    and the model's extra score columns (:meth:`mtl_jax.Fit.score_table`)."""
     result = _load_fit(args.fit)
     frame = pd.read_csv(args.data)
-    frame["loglik"] = result.score(frame)
+    for name, values in result.score_table(frame).items():
+        frame[name] = values.to_numpy()
     frame.to_csv(args.out, index=False)
     print(f"{len(frame)} rows scored (total loglik {frame['loglik'].sum():.4f}) and written to {args.out}")
 

@@ -163,6 +163,19 @@ class Fit:
         """Natural-log predictive density of each input row ``[n]`` (unseen tasks: population)."""
         return self._per_input_row(self.model.log_predictive, data, require_response=True)
 
+    def score_table(self, data) -> pd.DataFrame:
+        """Per input row: ``loglik`` (as :meth:`score`), then the model's optional ``score_columns``.
+
+        One encoding of ``data``; every column is mapped to the input rows like ``loglik``
+        (the CLI's ``score`` writes this table after the input columns).
+        """
+        encoded = self._new_data(data, require_response=True)
+        design, params = self.model.design(encoded), _as_jax(self.params)
+        columns = {"loglik": self.model.log_predictive(params, design)}
+        if hasattr(self.model, "score_columns"):
+            columns.update(self.model.score_columns(params, design))
+        return pd.DataFrame({name: _input_rows(values, encoded) for name, values in columns.items()})
+
     def _new_data(self, data, require_response: bool):
         """``data`` encoded by the model with the fit's labels and schema."""
         return self.model.data_from_frame(data, labels=self.labels, schema=self.schema,
@@ -172,9 +185,7 @@ class Fit:
         """``answer(params, design)`` per input row: data that store rows once (deduplicated,
         padded) carry ``source_row``, the stored row of each input row."""
         encoded = self._new_data(data, require_response)
-        values = np.asarray(answer(_as_jax(self.params), self.model.design(encoded)))
-        rows = getattr(encoded, "source_row", None)
-        return values if rows is None else values[np.asarray(rows)]
+        return _input_rows(answer(_as_jax(self.params), self.model.design(encoded)), encoded)
 
     # --------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
@@ -300,6 +311,13 @@ def _finite_or_none(value):
 
 def _as_jax(params):
     return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _input_rows(values, encoded) -> np.ndarray:
+    """Per-stored-row ``values`` per input row: through ``encoded.source_row`` where the data
+    store rows once (deduplicated, padded), else unchanged."""
+    values, rows = np.asarray(values), getattr(encoded, "source_row", None)
+    return values if rows is None else values[np.asarray(rows)]
 
 
 def to_jsonable(value):

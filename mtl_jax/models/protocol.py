@@ -76,6 +76,10 @@ Optional capabilities (checked with ``hasattr``):
     each becomes a warning and is kept in the fit's diagnostics.
 ``simulate(key, params, design)``
     Draws from the model.
+``score_columns(params, design) -> dict[str, [n] array]``
+    Extra per-row scores (e.g. sequence-lda's ``next_correct`` / ``next_total``) that
+    :meth:`mtl_jax.Fit.score_table` and ``mtl-jax score`` add after ``loglik``, mapped to
+    input rows like ``loglik``.
 """
 
 from __future__ import annotations
