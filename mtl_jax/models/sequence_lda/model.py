@@ -5,7 +5,9 @@ its sequences draws a topic :math:`z \sim \mathrm{Cat}(\theta_t)` and then the s
 from that topic's generator :math:`P_z` (:mod:`.generators`). Fitted by variational EM
 (:mod:`.vem`); the parameters keep the per-task variational Dirichlet parameters
 :math:`\gamma_t`, so known tasks are predicted with :math:`E_q[\theta_t]` and unseen tasks
-with the prior mean :math:`\alpha / \sum_k \alpha_k`.
+with the prior mean :math:`\alpha / \sum_k \alpha_k`. With discrete generators the model
+is also a NumPyro program (:meth:`SequenceLDA.numpyro_model`) for the generic SVI and NUTS
+backends.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pandas as pd
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -27,10 +31,22 @@ from mtl_jax.data.sequences import SequenceData
 from mtl_jax.data.tabular import DataError
 from mtl_jax.models.protocol import register
 from mtl_jax.models.sequence_lda import prediction, vem
-from mtl_jax.models.sequence_lda.generators import GENERATORS, HMM, Categorical, GaussianHMM, Markov
+from mtl_jax.models.sequence_lda.generators import (
+    GENERATORS,
+    HMM,
+    Categorical,
+    CategoricalParams,
+    GaussianHMM,
+    HMMParams,
+    Markov,
+    MarkovParams,
+)
 
 ALPHA_MODES = ("symmetric", "asymmetric")
 STATE_GENERATORS = ("hmm", "gaussian-hmm")
+SIMPLEX_TOPICS = {"categorical": CategoricalParams, "markov": MarkovParams, "hmm": HMMParams}
+"""Parameter types of the discrete generators, whose fields are all log-probability rows
+(simplexes along the last axis); these generators have the ``svi`` and ``nuts`` backends."""
 
 
 class SequenceLDAParams(NamedTuple):
@@ -76,7 +92,6 @@ class SequenceLDA:
     tokens: str = "chars"
 
     name: ClassVar[str] = "sequence-lda"
-    methods: ClassVar[frozenset] = frozenset({"em"})
 
     def __post_init__(self):
         if self.num_topics < 1:
@@ -91,6 +106,11 @@ class SequenceLDA:
             raise ValueError(f"inner_iterations must be at least 1, got {self.inner_iterations}")
         if self.pseudo_count < 0:
             raise ValueError(f"pseudo_count must be >= 0, got {self.pseudo_count}")
+
+    @property
+    def methods(self) -> frozenset:
+        """``em`` for every generator; ``svi`` and ``nuts`` too for the discrete ones (:data:`SIMPLEX_TOPICS`)."""
+        return frozenset({"em", "svi", "nuts"} if self.generator in SIMPLEX_TOPICS else {"em"})
 
     # ------------------------------------------------------------ generator
     def make_generator(self, alphabet):
@@ -306,6 +326,93 @@ class SequenceLDA:
             np.asarray(params.log_alpha)[order],
             np.asarray(params.gamma)[:, order],
         )
+
+    # ------------------------------------------------------------- NumPyro
+    def _topic_sites(self) -> dict[str, str]:
+        """Sampled site of each topic field: ``log_trans -> "trans"`` (probabilities).
+
+        Raises:
+            ValueError: for the Gaussian HMM (SVI/NUTS are for the discrete generators only).
+        """
+        if self.generator not in SIMPLEX_TOPICS:
+            raise ValueError(f"SVI/NUTS are for the discrete generators {sorted(SIMPLEX_TOPICS)} only, "
+                             f"not {self.generator!r}; fit it with method='em'")
+        return {field: field.removeprefix("log_") for field in SIMPLEX_TOPICS[self.generator]._fields}
+
+    def numpyro_model(self, design: SequenceData) -> None:
+        r"""The model as a NumPyro program, each sequence's topic summed out.
+
+        With ``a = pseudo_count``, ``T`` tasks, ``K`` topics and row ``n`` of task
+        :math:`t_n`, multiplicity :math:`c_n`:
+
+        .. math::
+
+            \text{every probability row } p \text{ of every topic} \sim \mathrm{Dir}(1 + a),\quad
+            \log\alpha_k \sim \mathcal N(0, 1),\quad
+            \theta_t \sim \mathrm{Dir}(\alpha),
+
+            \log p(x \mid \theta, P) = \sum_n c_n \log \sum_k \theta_{t_n k} P_k(x_n).
+
+        The row priors are those whose MAP the EM's M-step finds (the generators'
+        ``log_prior``). Symmetric ``alpha``: one shared :math:`\log\alpha \sim \mathcal N(0, 1)`
+        (a scalar site). Padding rows (length 0) contribute 0.
+
+        Sites: one simplex-valued site per topic field named without ``log_``
+        (``init [K, V]``, ``trans [K, V, W]``, ``beta [K, V]``, ``emit [K, S, V]``),
+        ``log_alpha`` (``[]`` symmetric, ``[K]`` asymmetric), ``theta [T, K]`` under
+        ``plate("tasks", T)``, the factor ``sequences``, and the deterministic
+        ``gamma [T, K]`` :math:`= \theta_t (\sum_k \alpha_k + n_t)` (``n_t`` the task's
+        sequences; see :meth:`from_sites`).
+
+        Raises:
+            ValueError: for the Gaussian HMM.
+        """
+        sites = self._topic_sites()
+        generator = self.generator_for(design)
+        K, T, dtype = self.num_topics, design.num_tasks, design.counts.dtype
+        shapes = jax.eval_shape(lambda key: generator.init(key, K), jax.random.key(0))
+        rows = 1.0 + self.pseudo_count
+        topics = SIMPLEX_TOPICS[self.generator](**{
+            field: jnp.log(numpyro.sample(site, dist.Dirichlet(jnp.full(getattr(shapes, field).shape, rows, dtype))
+                                          .to_event(getattr(shapes, field).ndim - 1)))
+            for field, site in sites.items()})
+        alpha_shape = () if self.alpha == "symmetric" else (K,)
+        log_alpha = numpyro.sample("log_alpha", dist.Normal(jnp.zeros(alpha_shape, dtype), 1.0).to_event(len(alpha_shape)))
+        alpha = jnp.exp(jnp.broadcast_to(log_alpha, (K,)))
+        with numpyro.plate("tasks", T):
+            theta = numpyro.sample("theta", dist.Dirichlet(alpha))
+        log_lik = vem.topic_log_likelihoods(generator, topics, design.tokens, design.lengths)
+        mixture = logsumexp(jnp.log(theta)[design.task] + log_lik, axis=-1)
+        numpyro.factor("sequences", jnp.sum(jnp.where(design.lengths > 0, design.counts * mixture, 0.0)))
+        sizes = jax.ops.segment_sum(design.counts, design.task, num_segments=T)
+        numpyro.deterministic("gamma", theta * (jnp.sum(alpha) + sizes)[:, None])
+
+    def site_values(self, params: SequenceLDAParams) -> dict[str, Array]:
+        r"""The sampled sites of :meth:`numpyro_model` at ``params``: probabilities,
+        ``log_alpha`` (its first entry when symmetric) and :math:`\theta_t = \gamma_t / \sum_k \gamma_{tk}`."""
+        values = {site: jnp.exp(getattr(params.topics, field)) for field, site in self._topic_sites().items()}
+        values["log_alpha"] = params.log_alpha[0] if self.alpha == "symmetric" else params.log_alpha
+        values["theta"] = params.gamma / jnp.sum(params.gamma, axis=-1, keepdims=True)
+        return values
+
+    def param_sites(self) -> tuple[str, ...]:
+        """The program's sites that :meth:`from_sites` reads: the topic sites, ``log_alpha``, ``gamma``."""
+        return (*self._topic_sites().values(), "log_alpha", "gamma")
+
+    def from_sites(self, samples: dict[str, Array]) -> SequenceLDAParams:
+        r"""Parameters from samples of :meth:`param_sites` (any leading axes).
+
+        ``gamma`` of a draw is :math:`\theta_t (\sum_k \alpha_k + n_t)`: not a variational
+        parameter but scaled so that :math:`\gamma_t / \sum_k \gamma_{tk}` is the draw's
+        :math:`\theta_t` (what known tasks are predicted with) while keeping the size of the
+        EM's :math:`\gamma` (prior plus counts, the start of :meth:`score`'s E-step).
+        """
+        topics = SIMPLEX_TOPICS[self.generator](**{
+            field: jnp.log(samples[site]) for field, site in self._topic_sites().items()})
+        log_alpha = jnp.asarray(samples["log_alpha"])
+        if self.alpha == "symmetric":
+            log_alpha = jnp.broadcast_to(log_alpha[..., None], log_alpha.shape + (self.num_topics,))
+        return SequenceLDAParams(topics, log_alpha, jnp.asarray(samples["gamma"]))
 
     def simulate(self, key: PRNGKeyArray, params: SequenceLDAParams, design: SequenceData):
         r"""Draws the latent variables of the design's tasks and rows.

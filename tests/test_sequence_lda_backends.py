@@ -1,0 +1,131 @@
+"""Sequential LDA through the generic SVI and NUTS backends: the NumPyro program against an
+independent density, label-switching invariance, and EM / SVI / NUTS agreement."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer.util import log_density
+from scipy.special import logsumexp
+from scipy.stats import dirichlet, norm
+
+from mtl_jax import SequenceData, SequenceLDA, fit
+from mtl_jax.models.sequence_lda import SequenceLDAParams
+from mtl_jax.models.sequence_lda.generators import MarkovParams
+
+SEQUENCES = {"x": ["ab", "abb", "ab", "b"], "y": ["ba", "aab", "a"], "z": ["bbb", "ab"]}
+
+
+def _markov_log_p(sequence, init, trans, alphabet):
+    """Independent reference: pi_{x1} prod A_{x_l x_l+1} A_{x_L, HALT} (HALT the last column)."""
+    ids = [alphabet.index(symbol) for symbol in sequence]
+    steps = sum(np.log(trans[u, v]) for u, v in zip(ids[:-1], ids[1:]))
+    return np.log(init[ids[0]]) + steps + np.log(trans[ids[-1], -1])
+
+
+@pytest.mark.parametrize("alpha_mode", ["symmetric", "asymmetric"])
+def test_program_log_density_matches_independent_density(alpha_mode):
+    data = SequenceData.from_lists(SEQUENCES)
+    alphabet = list(data.alphabet)
+    model = SequenceLDA(2, "markov", alpha=alpha_mode, pseudo_count=0.3)
+    rng = np.random.default_rng(3)
+    K, V, T = 2, len(alphabet), len(SEQUENCES)
+    init = rng.dirichlet(np.ones(V), K)
+    trans = rng.dirichlet(np.ones(V + 1), (K, V))
+    theta = rng.dirichlet(np.ones(K), T)
+    log_alpha = np.array(0.4) if alpha_mode == "symmetric" else np.array([0.4, -0.7])
+    values = {"init": jnp.asarray(init), "trans": jnp.asarray(trans), "log_alpha": jnp.asarray(log_alpha),
+              "theta": jnp.asarray(theta)}
+    got, _ = log_density(model.numpyro_model, (model.design(data),), {}, values)
+
+    alpha = np.broadcast_to(np.exp(log_alpha), (K,))
+    expected = sum(dirichlet.logpdf(row, np.full(V, 1.3)) for row in init)
+    expected += sum(dirichlet.logpdf(trans[k, u], np.full(V + 1, 1.3)) for k in range(K) for u in range(V))
+    expected += norm.logpdf(log_alpha).sum()
+    expected += sum(dirichlet.logpdf(theta[t], alpha) for t in range(T))
+    for t, name in enumerate(data.task_names):
+        for sequence in SEQUENCES[name]:
+            expected += logsumexp([np.log(theta[t, k]) + _markov_log_p(sequence, init[k], trans[k], alphabet)
+                                   for k in range(K)])
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sites_round_trip_and_gamma_gives_theta():
+    data = SequenceData.from_lists(SEQUENCES)
+    model = SequenceLDA(2, "markov", alpha="symmetric")
+    params = model.init(jax.random.key(4), model.design(data))
+    draws = {name: np.stack([value, value]) for name, value in model.site_values(params).items()}
+    draws["gamma"] = np.stack([params.gamma, 2.0 * params.gamma])
+    back = model.from_sites(draws)
+    assert back.log_alpha.shape == (2, 2)
+    np.testing.assert_allclose(back.topics.log_trans[1], params.topics.log_trans, atol=1e-12)
+    np.testing.assert_allclose(back.log_alpha[0], params.log_alpha, atol=0)
+    assert SequenceLDA(2, "gaussian-hmm", num_states=2).methods == {"em"}
+    with pytest.raises(ValueError, match="discrete generators"):
+        SequenceLDA(2, "gaussian-hmm", num_states=2).param_sites()
+
+
+def test_every_topic_permutation_leaves_scores_unchanged_and_align_undoes_it():
+    data = SequenceData.from_lists(SEQUENCES)
+    model = SequenceLDA(3, "markov", alpha="asymmetric", inner_iterations=5)
+    design = model.design(data)
+    rng = np.random.default_rng(7)
+    params = SequenceLDAParams(
+        MarkovParams(jnp.log(rng.dirichlet(np.ones(2), 3)), jnp.log(rng.dirichlet(np.ones(3), (3, 2)))),
+        jnp.asarray([0.3, -0.5, 1.1]), jnp.asarray(rng.uniform(0.5, 4.0, (3, 3))))
+    score, predictive = float(model.score(params, design)), np.asarray(model.log_predictive(params, design))
+    for order in itertools.permutations(range(3)):
+        order = np.array(order)
+        permuted = SequenceLDAParams(jax.tree_util.tree_map(lambda leaf: leaf[order], params.topics),
+                                     params.log_alpha[order], params.gamma[:, order])
+        assert float(model.score(permuted, design)) == pytest.approx(score, rel=1e-10)
+        np.testing.assert_allclose(model.log_predictive(permuted, design), predictive, rtol=1e-12)
+        aligned = model.align(permuted, params)
+        for got, want in zip(jax.tree_util.tree_leaves(aligned), jax.tree_util.tree_leaves(params)):
+            np.testing.assert_array_equal(got, want)
+
+
+def _two_topic_data():
+    """4 tasks x 15 sequences over ``ab``: topic A sticks to ``a``, topic B to ``b``."""
+    rng = np.random.default_rng(11)
+    trans = np.array([[[0.75, 0.05, 0.2], [0.6, 0.2, 0.2]], [[0.2, 0.6, 0.2], [0.05, 0.75, 0.2]]])
+    init = np.array([[0.9, 0.1], [0.1, 0.9]])
+    tasks = {}
+    for t, weight in enumerate([0.85, 0.7, 0.3, 0.15]):
+        sequences = []
+        for _ in range(15):
+            k = 0 if rng.uniform() < weight else 1
+            state = rng.choice(2, p=init[k])
+            sequence = [state]
+            while (step := rng.choice(3, p=trans[k, state])) < 2 and len(sequence) < 12:
+                state = step
+                sequence.append(state)
+            sequences.append("".join("ab"[s] for s in sequence))
+        tasks[f"task{t}"] = sequences
+    return SequenceData.from_lists(tasks)
+
+
+@pytest.fixture(scope="module")
+def three_fits():
+    data = _two_topic_data()
+    model = SequenceLDA(2, "markov", alpha="symmetric")
+    return (data, model, fit(model, data, "em", seed=0),
+            fit(model, data, "svi", seed=1, num_steps=1500, learning_rate=0.02, num_samples=200),
+            fit(model, data, "nuts", seed=2, num_warmup=150, num_samples=150, num_chains=2))
+
+
+def test_em_svi_and_nuts_transition_probabilities_agree(three_fits):
+    data, model, em, svi, nuts = three_fits
+    draws = np.exp(np.asarray(nuts.draws.topics.log_trans))
+    assert draws.shape[:2] == (2, 150)
+    mean, sd = draws.mean(axis=(0, 1)), draws.std(axis=(0, 1))
+    for other in (em, svi):
+        aligned = model.align(jax.tree_util.tree_map(np.asarray, other.params), nuts.params)
+        gap = np.abs(np.exp(np.asarray(aligned.topics.log_trans)) - mean) / sd
+        assert gap.max() < 3.0, (other.method, gap)
+    assert nuts.diagnostics["num_divergences"] <= 3
+    for fitted in (svi, nuts):
+        theta = np.asarray(fitted.params.gamma) / np.asarray(fitted.params.gamma).sum(-1, keepdims=True)
+        assert theta.shape == (4, 2) and np.all(np.isfinite(fitted.score(data)))
