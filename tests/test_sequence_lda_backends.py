@@ -111,9 +111,11 @@ def _two_topic_data():
 def three_fits():
     data = _two_topic_data()
     model = SequenceLDA(2, "markov", alpha="symmetric")
-    return (data, model, fit(model, data, "em", seed=0),
-            fit(model, data, "svi", seed=1, num_steps=1500, learning_rate=0.02, num_samples=200),
-            fit(model, data, "nuts", seed=2, num_warmup=150, num_samples=150, num_chains=2))
+    em = fit(model, data, "em", seed=0)
+    return (data, model, em,
+            fit(model, data, "svi", seed=1, num_steps=400, learning_rate=0.02, num_samples=100,
+                init_params=em.params),
+            fit(model, data, "nuts", seed=2, num_warmup=150, num_samples=150, num_chains=2, init_params=em.params))
 
 
 def test_em_svi_and_nuts_transition_probabilities_agree(three_fits):

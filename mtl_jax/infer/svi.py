@@ -30,12 +30,13 @@ GUIDES = {"normal": AutoNormal, "map": AutoDelta, "lowrank": AutoLowRankMultivar
 def starting_points(model, design, key, init_params=None, num: int = 1):
     """``(reference, starts)``: the best point and ``num`` starting points (restarts).
 
-    With ``init_params`` every start is that point. Otherwise EM with ``max(num, 2)``
+    With ``init_params`` every start is that point, cast to the design's floating dtype
+    (its first floating leaf; integer leaves such as token ids are skipped). Otherwise EM with ``max(num, 2)``
     restarts when the model has ``em_step`` (the reference is the best restart and each
     start is a restart aligned to it; a failed restart is replaced by the reference),
     else the model's ``init``.
     """
-    dtype = jax.tree_util.tree_leaves(design)[0].dtype
+    dtype = next(leaf.dtype for leaf in jax.tree_util.tree_leaves(design) if jnp.issubdtype(leaf.dtype, jnp.floating))
     if init_params is not None:
         point = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), init_params)
         return point, [point] * num
