@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.infer import em, nuts, svi
-from mtl_jax.infer.results import BackendResult, Fit, posterior_table
+from mtl_jax.infer.results import BackendResult, Fit, float_dtype, posterior_table
 from mtl_jax.models.protocol import supports
 
 BACKENDS: dict[str, Callable[..., BackendResult]] = {
@@ -68,8 +68,7 @@ def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
     start = time.perf_counter()
     result = BACKENDS[method](model, design, jax.random.key(seed), **options)
     fitted = time.perf_counter()
-    floats = [leaf.dtype for leaf in jax.tree_util.tree_leaves(design) if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    dtype = floats[0] if floats else jnp.result_type(float)  # the design's float precision
+    dtype = float_dtype(design)
     params = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), result.params)
     loglik = result.loglik if result.loglik is not None else float(model.score(params, design))
     num_obs = int(model.num_observations(design))

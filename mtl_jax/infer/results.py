@@ -276,6 +276,16 @@ def posterior_table(model, draws, labels: dict, iid_draws: bool) -> pd.DataFrame
     return az.summary(named, kind="stats" if iid_draws else "all", round_to="none")
 
 
+def float_dtype(tree):
+    """The floating dtype of a design pytree: that of its first floating leaf.
+
+    Integer leaves (task ids, token ids) are skipped; a tree without floating leaves gets
+    JAX's default float.
+    """
+    floats = [leaf.dtype for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return floats[0] if floats else jnp.result_type(float)
+
+
 def pytree_to_json(tree) -> list[dict[str, Any]]:
     """Leaves of any pytree as ``{"path", "dtype", "shape", "value"}`` records."""
     records = []

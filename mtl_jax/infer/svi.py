@@ -22,7 +22,7 @@ from numpyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, Au
 from numpyro.infer.initialization import init_to_value
 
 from mtl_jax.infer.em import em_fit
-from mtl_jax.infer.results import BackendResult
+from mtl_jax.infer.results import BackendResult, float_dtype
 
 GUIDES = {"normal": AutoNormal, "map": AutoDelta, "lowrank": AutoLowRankMultivariateNormal}
 
@@ -31,12 +31,12 @@ def starting_points(model, design, key, init_params=None, num: int = 1):
     """``(reference, starts)``: the best point and ``num`` starting points (restarts).
 
     With ``init_params`` every start is that point, cast to the design's floating dtype
-    (its first floating leaf; integer leaves such as token ids are skipped). Otherwise EM with ``max(num, 2)``
+    (:func:`mtl_jax.infer.results.float_dtype`). Otherwise EM with ``max(num, 2)``
     restarts when the model has ``em_step`` (the reference is the best restart and each
     start is a restart aligned to it; a failed restart is replaced by the reference),
     else the model's ``init``.
     """
-    dtype = next(leaf.dtype for leaf in jax.tree_util.tree_leaves(design) if jnp.issubdtype(leaf.dtype, jnp.floating))
+    dtype = float_dtype(design)
     if init_params is not None:
         point = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), init_params)
         return point, [point] * num
