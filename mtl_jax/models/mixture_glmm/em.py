@@ -35,9 +35,12 @@ from mtl_jax.linalg import (
     bordered_solve,
     diag_embed,
     kron_rows,
+    psd_cholesky,
     psd_inverse,
     psd_logdet,
+    psd_solve,
     row_covariance,
+    segment_sum,
 )
 from mtl_jax.models.mixture_glmm.likelihood import (
     LOG_2PI,
@@ -143,7 +146,83 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         if update_variance_components:
             lam = (jnp.einsum("ih,ik->hk", a, a) + solution.random_cov.sum(0)) / K
             lam = 0.5 * (lam + lam.T) + model.variance_floor * jnp.eye(g1, dtype=dtype)
+            info = segment_sum(weights, design.task, K)
+            score_at_zero = segment_sum(grads, design.task, K) + jnp.einsum("ihk,ik->ih", info, params.mixing_effects)
+            lam, a = boundary_aware_covariance(lam, a, info, score_at_zero, model.variance_floor)
     return params._replace(mixing_coef=v, mixing_effects=a, mixing_cov=lam), logdet
+
+
+def effects_surrogate(cov, info, score_at_zero):
+    r"""Laplace marginal of Gaussian task effects under a quadratic likelihood, as a function of their covariance.
+
+    With task ``i``'s log-likelihood expanded to second order around the current effects,
+    :math:`\ell_i(a) \approx \ell_i(0) + u_i^T a - \tfrac12 a^T I_i a`, the marginal gain over
+    effects fixed at zero is
+
+    .. math:: f(\Lambda) = \sum_i \tfrac12 u_i^T(\Lambda^{-1} + I_i)^{-1}u_i
+              - \tfrac12\log\det(I + I_i\Lambda),
+
+    which tends to 0 as :math:`\Lambda \to 0`. Computed through :math:`\Lambda = LL^T` and
+    :math:`M_i = I + L^T I_i L` so that it stays accurate for a tiny :math:`\Lambda`.
+
+    Args:
+        cov: :math:`\Lambda` ``[r, r]``.
+        info: :math:`I_i` ``[K, r, r]``.
+        score_at_zero: :math:`u_i` ``[K, r]``.
+
+    Returns:
+        ``(f, mode)``: the scalar :math:`f(\Lambda)` and the effects' modes
+        :math:`(\Lambda^{-1} + I_i)^{-1}u_i` ``[K, r]``.
+    """
+    chol = psd_cholesky(cov)
+    whitened_info = jnp.einsum("ba,ibc,cd->iad", chol, info, chol) + jnp.eye(cov.shape[0], dtype=cov.dtype)
+    whitened_score = score_at_zero @ chol
+    solved = psd_solve(whitened_info, whitened_score)
+    value = 0.5 * jnp.sum(jnp.einsum("ik,ik->i", whitened_score, solved) - psd_logdet(whitened_info))
+    return value, solved @ chol.T
+
+
+def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, grid_size: int = 24):
+    r"""EM's covariance update, unless the boundary (or a way off it) is better.
+
+    Near :math:`\Lambda = 0` the EM update shrinks by a factor :math:`1 - O(\Lambda)` per
+    iteration, so it creeps towards the boundary without reaching it. The Laplace surrogate
+    :func:`effects_surrogate` decides instead:
+
+    * at the floor, :math:`\Lambda = \delta I`, when it is at least as good as EM's update
+      (the variance is then reported at its boundary, as lme4 reports a singular fit);
+    * when EM's update sits within :math:`100\delta` of the floor but the surrogate rises off
+      the boundary (:math:`G = \sum_i(u_iu_i^T - I_i)` has a positive eigenvalue), the best
+      point of a log-spaced ray :math:`\Lambda + t\,ee^T` along :math:`G`'s top eigenvector,
+      so that a fit once at the floor can leave it.
+
+    Where the surrogate replaces EM's covariance, the effects move to their surrogate modes.
+
+    Args:
+        cov: EM's updated covariance ``[r, r]`` (at or above ``floor * I``).
+        effects: EM's updated effects ``[K, r]``.
+        info, score_at_zero: :math:`I_i` ``[K, r, r]`` and :math:`u_i` ``[K, r]`` of the
+            quadratic expansion (see :func:`effects_surrogate`).
+        floor: :math:`\delta`.
+        grid_size: points of the ray.
+
+    Returns:
+        ``(cov, effects)``.
+    """
+    eye = jnp.eye(cov.shape[0], dtype=cov.dtype)
+    value_em, _ = effects_surrogate(cov, info, score_at_zero)
+    value_floor, mode_floor = effects_surrogate(floor * eye, info, score_at_zero)
+    rise, directions = jnp.linalg.eigh(jnp.einsum("ih,ik->hk", score_at_zero, score_at_zero) - info.sum(0))
+    top = directions[:, -1]
+    steps = jnp.logspace(jnp.log10(floor), 3.0, grid_size, dtype=cov.dtype)
+    ray = cov + steps[:, None, None] * jnp.outer(top, top)
+    ray_values, ray_modes = jax.vmap(effects_surrogate, in_axes=(0, None, None))(ray, info, score_at_zero)
+    best = jnp.argmax(ray_values)
+    leave_floor = (jnp.max(jnp.linalg.eigvalsh(cov)) <= 100 * floor) & (rise[-1] > 0) & (ray_values[best] > value_em)
+    to_floor = (value_floor >= value_em) & ~leave_floor
+    cov = jnp.where(to_floor, floor * eye, jnp.where(leave_floor, ray[best], cov))
+    effects = jnp.where(to_floor, mode_floor, jnp.where(leave_floor, ray_modes[best], effects))
+    return cov, effects
 
 
 def component_m_step(model, params: MixtureParams, design: MixtureDesign, tau, update_variance_components: bool):
