@@ -14,7 +14,7 @@ from mtl_jax.infer.results import Fit
 from mtl_jax.models import MODELS, model_class
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
-from mtl_jax.models.sequence_lda import SequenceLDA, SequenceLDAParams
+from mtl_jax.models.sequence_lda import SequenceLDA, SequenceLDAParams, SequencePerTask, SequencePooled
 
 __all__ = [
     "MODELS",
@@ -28,6 +28,8 @@ __all__ = [
     "SequenceData",
     "SequenceLDA",
     "SequenceLDAParams",
+    "SequencePerTask",
+    "SequencePooled",
     "TaskData",
     "data_dir",
     "fit",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -22,28 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pandas as pd
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 from scipy.optimize import linear_sum_assignment
 
 from mtl_jax.data.sequences import SequenceData
-from mtl_jax.data.tabular import DataError
 from mtl_jax.models.protocol import register
 from mtl_jax.models.sequence_lda import prediction, vem
-from mtl_jax.models.sequence_lda.generators import (
-    GENERATORS,
-    HMM,
-    Categorical,
-    CategoricalParams,
-    GaussianHMM,
-    HMMParams,
-    Markov,
-    MarkovParams,
-)
+from mtl_jax.models.sequence_lda.base import SequenceModel, readable_fields
+from mtl_jax.models.sequence_lda.generators import CategoricalParams, HMMParams, MarkovParams
 
 ALPHA_MODES = ("symmetric", "asymmetric")
-STATE_GENERATORS = ("hmm", "gaussian-hmm")
 SIMPLEX_TOPICS = {"categorical": CategoricalParams, "markov": MarkovParams, "hmm": HMMParams}
 """Parameter types of the discrete generators, whose fields are all log-probability rows
 (simplexes along the last axis); these generators have the ``svi`` and ``nuts`` backends."""
@@ -63,12 +51,15 @@ class SequenceLDAParams(NamedTuple):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class SequenceLDA:
+class SequenceLDA(SequenceModel):
     """Sequential LDA with ``num_topics`` generator topics.
+
+    Data, labels, generator building, parameter names, ``score_columns`` and the data
+    options of the command line come from :class:`.base.SequenceModel`.
 
     Attributes:
         num_topics: ``K >= 1``.
-        generator: a name of :data:`GENERATORS` (``categorical``, ``markov``, ``hmm``,
+        generator: a name of :data:`.generators.GENERATORS` (``categorical``, ``markov``, ``hmm``,
             ``gaussian-hmm``); the number of symbols is the data's alphabet size.
         num_states: hidden states of the ``hmm`` / ``gaussian-hmm`` topics (required there).
         halting: whether Markov/HMM topics model the end of a sequence.
@@ -96,71 +87,20 @@ class SequenceLDA:
     def __post_init__(self):
         if self.num_topics < 1:
             raise ValueError(f"num_topics must be at least 1, got {self.num_topics}")
-        if self.generator not in GENERATORS:
-            raise ValueError(f"unknown generator {self.generator!r}; choose one of {sorted(GENERATORS)}")
-        if self.generator in STATE_GENERATORS and (self.num_states is None or self.num_states < 1):
-            raise ValueError(f"generator {self.generator!r} needs num_states >= 1, got {self.num_states}")
+        self.check_generator()
         if self.alpha not in ALPHA_MODES:
             raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {self.alpha!r}")
         if self.inner_iterations < 1:
             raise ValueError(f"inner_iterations must be at least 1, got {self.inner_iterations}")
-        if self.pseudo_count < 0:
-            raise ValueError(f"pseudo_count must be >= 0, got {self.pseudo_count}")
 
     @property
     def methods(self) -> frozenset:
         """``em`` for every generator; ``svi`` and ``nuts`` too for the discrete ones (:data:`SIMPLEX_TOPICS`)."""
         return frozenset({"em", "svi", "nuts"} if self.generator in SIMPLEX_TOPICS else {"em"})
 
-    # ------------------------------------------------------------ generator
-    def make_generator(self, alphabet):
-        """The topics' generator for ``alphabet`` (``None`` for real-valued data)."""
-        a, halting = self.pseudo_count, self.halting
-        observations = GENERATORS[self.generator].observations
-        if (alphabet is None) != (observations == "values"):
-            kind = "real-valued" if alphabet is None else "discrete (tokens)"
-            raise ValueError(f"generator {self.generator!r} reads {observations}, but the data are {kind}")
-        if self.generator == "gaussian-hmm":
-            return GaussianHMM(self.num_states, halting, a)
-        V = len(alphabet)
-        if self.generator == "categorical":
-            return Categorical(V, a)
-        if self.generator == "markov":
-            return Markov(V, halting, a)
-        return HMM(V, self.num_states, halting, a)
-
-    def generator_for(self, design: SequenceData):
-        """The generator for a design (its static alphabet)."""
-        return self.make_generator(design.alphabet)
-
     def _log_lik(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, "S K"]:
-        generator = self.generator_for(design)
-        return vem.topic_log_likelihoods(generator, params.topics, getattr(design, generator.observations),
+        return vem.topic_log_likelihoods(self.generator_for(design), params.topics, self.observed(design),
                                          design.lengths)
-
-    # --------------------------------------------------------------- data
-    def design(self, data) -> SequenceData:
-        """A :class:`SequenceData` (checked against the generator) without its ``source_row``.
-
-        Dropping ``source_row`` (one entry per input row, not bucketed) keeps compiled
-        code dependent on the bucketed shapes only.
-
-        Raises:
-            ValueError: for other data, or data of the wrong kind for the generator.
-        """
-        if not isinstance(data, SequenceData):
-            raise ValueError(f"sequence-lda needs a SequenceData, got {type(data).__name__}")
-        self.make_generator(data.alphabet)
-        return dataclasses.replace(data, source_row=None)
-
-    def labels(self, data) -> dict[str, Any]:
-        """``task_names`` and ``alphabet`` (``None`` for real-valued data)."""
-        return {"task_names": list(data.task_names),
-                "alphabet": None if data.alphabet is None else list(data.alphabet)}
-
-    def num_observations(self, design: SequenceData) -> int:
-        """The number of sequences (multiplicities included)."""
-        return int(round(float(jnp.sum(design.counts))))
 
     def num_parameters(self, design: SequenceData) -> int:
         """``K`` topics' free parameters plus ``alpha`` (1 symmetric, ``K`` asymmetric)."""
@@ -187,10 +127,8 @@ class SequenceLDA:
 
     def params_like(self, labels: dict) -> SequenceLDAParams:
         """Zeros of the fitted structure (topics from the labels' alphabet, ``gamma [T, K]``)."""
-        alphabet = labels.get("alphabet")
-        topics = self.make_generator(alphabet).init(jax.random.key(0), self.num_topics)
         K, T = self.num_topics, len(labels["task_names"])
-        return SequenceLDAParams(jax.tree_util.tree_map(jnp.zeros_like, topics), jnp.zeros(K), jnp.zeros((T, K)))
+        return SequenceLDAParams(self.zero_generators(labels, K), jnp.zeros(K), jnp.zeros((T, K)))
 
     # -------------------------------------------------------------- scores
     def score(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, ""]:
@@ -238,42 +176,12 @@ class SequenceLDA:
         Raises:
             ValueError: for real-valued data (no symbols to predict).
         """
-        if design.alphabet is None:
-            raise ValueError(f"generator {self.generator!r} models real values; next-symbol prediction needs tokens")
+        self.require_tokens(design)
         return prediction.next_outcome_log_probs(self.generator_for(design), params.topics,
                                                  self.topic_log_weights(params, design.task),
                                                  design.tokens, design.lengths)
 
-    def score_columns(self, params: SequenceLDAParams, design: SequenceData) -> dict[str, Array]:
-        """Per row: ``next_correct`` / ``next_total``, next outcomes the predictive argmax gets right.
-
-        Over the prefixes ``j = 0 .. length`` (``length + 1`` outcomes, the last one HALT)
-        for Markov/HMM topics with halting, ``j = 0 .. length - 1`` for topics without a
-        HALT outcome (categorical, ``halting=False``); see
-        :func:`.prediction.next_outcome_hits`. Real-valued data: no columns.
-        """
-        if design.alphabet is None:
-            return {}
-        halting = self.halting and self.generator != "categorical"
-        correct, total = prediction.next_outcome_hits(self.next_symbol_log_probs(params, design),
-                                                      design.tokens, design.lengths, halting)
-        return {"next_correct": correct, "next_total": total}
-
     # ------------------------------------------------------------ reading
-    def _axis_labels(self, labels: dict) -> dict[str, tuple[list[str], ...]]:
-        """Index labels of each axis of one topic's fields (symbols, states, HALT/END)."""
-        symbols = [str(s) for s in labels.get("alphabet") or []]
-        states = [f"s{i + 1}" for i in range(self.num_states or 0)]
-        end = ["HALT"] if self.halting else []
-        if self.generator == "categorical":
-            return {"log_beta": (symbols,)}
-        if self.generator == "markov":
-            return {"log_init": (symbols,), "log_trans": (symbols, symbols + end)}
-        moves = {"log_init": (states,), "log_trans": (states, states + (["END"] if self.halting else []))}
-        if self.generator == "hmm":
-            return {**moves, "log_emit": (states, symbols)}
-        return {**moves, "mean": (states,), "log_var": (states,)}
-
     def named_parameters(self, params: SequenceLDAParams, labels: dict, leading: int = 0) -> dict[str, np.ndarray]:
         """``alpha[topic k]`` and every topic parameter, e.g. ``topic1 trans[a->b]``.
 
@@ -282,27 +190,17 @@ class SequenceLDA:
         """
         lead = (slice(None),) * leading
         alpha = np.exp(np.asarray(params.log_alpha))
-        out = {f"alpha[topic{k + 1}]": alpha[lead + (k,)] for k in range(self.num_topics)}
-        for field, axes in self._axis_labels(labels).items():
-            values = np.asarray(getattr(params.topics, field))
-            shown = field.removeprefix("log_")
-            values = np.exp(values) if field.startswith("log_") else values
-            for k in range(self.num_topics):
-                for index in np.ndindex(*(len(axis) for axis in axes)):
-                    name = "->".join(axis[i] for axis, i in zip(axes, index))
-                    out[f"topic{k + 1} {shown}[{name}]"] = values[lead + (k, *index)]
-        return out
+        topics = [f"topic{k + 1}" for k in range(self.num_topics)]
+        return {**{f"alpha[{topic}]": alpha[lead + (k,)] for k, topic in enumerate(topics)},
+                **self.generator_parameters(params.topics, labels, [f"{topic} " for topic in topics], leading)}
 
     def report(self, params: SequenceLDAParams, labels: dict) -> dict[str, Any]:
         """``alpha``, the topics (probabilities as nested lists) and per-task topic proportions."""
         gamma = np.asarray(params.gamma)
         proportions = gamma / gamma.sum(axis=-1, keepdims=True)
-        topics = {field.removeprefix("log_"): (np.exp(np.asarray(value)) if field.startswith("log_")
-                                               else np.asarray(value)).tolist()
-                  for field, value in params.topics._asdict().items()}
         return {
             "alpha": np.exp(np.asarray(params.log_alpha)).tolist(),
-            "topics": topics,
+            "topics": {field: value.tolist() for field, value in readable_fields(params.topics).items()},
             "topic_proportions": {name: row.tolist() for name, row in zip(labels["task_names"], proportions)},
         }
 
@@ -314,9 +212,8 @@ class SequenceLDA:
         """
 
         def features(topics):
-            return np.concatenate([
-                (np.exp(np.asarray(v)) if f.startswith("log_") else np.asarray(v)).reshape(self.num_topics, -1)
-                for f, v in topics._asdict().items()], axis=1)
+            return np.concatenate([value.reshape(self.num_topics, -1) for value in readable_fields(topics).values()],
+                                  axis=1)
 
         mine, theirs = features(params.topics), features(reference.topics)
         cost = ((theirs[:, None, :] - mine[None, :, :]) ** 2).sum(-1)
@@ -434,11 +331,7 @@ class SequenceLDA:
         """Options of ``mtl-jax fit --model sequence-lda``."""
         group = parser.add_argument_group("sequence-lda options")
         group.add_argument("--topics", type=int, metavar="K", default=None, help="number of topics (required)")
-        group.add_argument("--generator", choices=sorted(GENERATORS), default="markov",
-                           help="topic generator (default: markov)")
-        group.add_argument("--states", type=int, metavar="S", default=None, help="HMM states (hmm, gaussian-hmm)")
-        group.add_argument("--no-halting", dest="halting", action="store_false",
-                           help="score sequences by their prefix probability (no end-of-sequence outcome)")
+        cls.add_generator_arguments(group)
         group.add_argument("--alpha", choices=ALPHA_MODES, default="symmetric",
                            help="Dirichlet concentration of the topic proportions (default: symmetric)")
         group.add_argument("--inner-iterations", type=int, metavar="N", default=20,
@@ -449,46 +342,5 @@ class SequenceLDA:
         """The model of a parsed ``mtl-jax fit`` command line."""
         if args.topics is None:
             raise ValueError("--topics is required for --model sequence-lda")
-        return cls(num_topics=args.topics, generator=args.generator, num_states=args.states,
-                   halting=args.halting, alpha=args.alpha, inner_iterations=args.inner_iterations,
-                   task_column=args.task, sequence_column=args.sequence, tokens=args.tokens)
-
-    @classmethod
-    def add_data_arguments(cls, parser) -> None:
-        """Data options of ``mtl-jax fit --model sequence-lda``: one sequence (a string) per CSV row."""
-        group = parser.add_argument_group("data options (sequence-lda)")
-        group.add_argument("--task", required=True, help="column holding the task labels")
-        group.add_argument("--sequence", required=True, metavar="COL", help="column holding the sequences")
-        group.add_argument("--alphabet", type=Path, metavar="FILE", default=None,
-                           help="symbols in id order, one per line (default: the sorted symbols of the data)")
-        group.add_argument("--tokens", choices=("chars", "whitespace"), default="chars",
-                           help="how a sequence splits into symbols (default: chars)")
-
-    def data_from_frame(self, frame, args: argparse.Namespace | None = None, *, labels: dict | None = None,
-                        schema=None, require_response: bool = False) -> SequenceData:
-        """Encodes a frame of sequences: training data from ``args``, new data from a fit's ``labels``.
-
-        Training (``args`` given): the alphabet of ``--alphabet`` or the data's sorted
-        symbols. New data (``labels`` given): the fit's alphabet and task ids; tasks unseen
-        in training get ids ``>= K`` (the prior mean answers them). The result's
-        ``source_row`` maps each frame row to its stored (deduplicated) row. An encoded
-        :class:`SequenceData` passes through unchanged. ``schema`` and
-        ``require_response`` are unused (a sequence is its own response).
-
-        Raises:
-            DataError: for a missing column or value, a sequence column read as numbers,
-                an empty sequence or a symbol outside the alphabet (naming the row).
-            ValueError: for a model without ``task_column`` / ``sequence_column``.
-        """
-        if isinstance(frame, SequenceData):
-            return frame
-        if self.task_column is None or self.sequence_column is None:
-            raise ValueError("this sequence-lda model has no task_column/sequence_column to read a frame with")
-        column = frame.get(self.sequence_column)
-        if column is not None and not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)):
-            raise DataError(f"column {self.sequence_column!r} holds numbers ({column.dtype}), not sequence strings")
-        options = dict(task=self.task_column, sequence=self.sequence_column, tokens=self.tokens)
-        if labels is None:
-            return SequenceData.from_frame(frame, alphabet=args.alphabet, **options)
-        return SequenceData.from_frame(frame, alphabet=labels["alphabet"], task_names=labels["task_names"],
-                                       allow_empty_tasks=True, **options)
+        return cls(num_topics=args.topics, alpha=args.alpha, inner_iterations=args.inner_iterations,
+                   **cls.generator_options(args))
