@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -42,7 +40,7 @@ from scipy.special import log_softmax, logsumexp, softmax
 
 from mtl_jax.experiments import write_results
 from mtl_jax.experiments.simulation import TABLE1_W
-from mtl_jax.experiments.common import cast_floats, compile_and_run, resolve_dtype, unstack_tree
+from mtl_jax.experiments.common import cast_floats, compile_and_run, median_time, resolve_dtype, unstack_tree
 from mtl_jax.experiments.table2 import fit_replicates, simulate_replicates
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
@@ -77,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     first = replicate_designs[0]
 
     single = compile_and_run(em_fit, static=static, design=first, key=keys[0])
-    single_seconds, result = _median_time(lambda: single.compiled(design=first, key=keys[0]), args.repeats)
+    single_seconds, result = median_time(lambda: single.compiled(design=first, key=keys[0]), args.repeats)
     batched = compile_and_run(fit_replicates, static=static, designs=designs, keys=keys)
-    batched_seconds, results = _median_time(lambda: batched.compiled(designs=designs, keys=keys), args.repeats)
-    looped_seconds, _ = _median_time(
+    batched_seconds, results = median_time(lambda: batched.compiled(designs=designs, keys=keys), args.repeats)
+    looped_seconds, _ = median_time(
         lambda: [single.compiled(design=design, key=key) for design, key in zip(replicate_designs, keys)],
         args.repeats,
     )
@@ -102,21 +100,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output["table"] = table
     write_results(output, args.json)
     return output
-
-
-def _median_time(run: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` runs of ``run()`` after an untimed warm-up; and its last output.
-
-    Each run blocks until its JAX outputs are ready. (A jitted fit's warm-up is cheap: it
-    has already been compiled and run once by :func:`compile_and_run`.)
-    """
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def _first_run(run) -> dict:
@@ -228,7 +211,7 @@ def _numpy_peer(args, design: MixtureDesign, key) -> dict:
     start = jax.jit(model.init)(key, design)
     static = dict(model=model, n_init=1, max_iter=args.iterations, tol=0.0)
     ours = compile_and_run(em_fit, static=static, design=design, key=key, init_params=start)
-    ours_seconds, result = _median_time(
+    ours_seconds, result = median_time(
         lambda: ours.compiled(design=design, key=key, init_params=start), args.repeats
     )
     n_iter = int(result.n_iter)
@@ -236,7 +219,7 @@ def _numpy_peer(args, design: MixtureDesign, key) -> dict:
     begin = [
         np.asarray(a, dtype=float) for a in (start.mixing_coef, start.component_coef[..., 0], start.component_cov[:, 0, 0])
     ]
-    numpy_seconds, (v, w, sigma2, loglik) = _median_time(
+    numpy_seconds, (v, w, sigma2, loglik) = median_time(
         lambda: numpy_independence_em(*arrays, *begin, num_iterations=n_iter, variance_floor=model.variance_floor),
         args.repeats,
     )
@@ -293,9 +276,9 @@ def _statsmodels_peer(args, key, dtype) -> dict:
     model = MixtureGLMM(1, mixing_random_effects=False)
     static = dict(model=model, n_init=1, max_iter=2000, tol=1e-12)
     ours = compile_and_run(em_fit, static=static, design=design, key=key)
-    ours_seconds, result = _median_time(lambda: ours.compiled(design=design, key=key), args.repeats)
+    ours_seconds, result = median_time(lambda: ours.compiled(design=design, key=key), args.repeats)
     y, x, task = (np.asarray(a) for a in (design.y[:, 0], design.x_comp, design.task))
-    reference_seconds, reference = _median_time(
+    reference_seconds, reference = median_time(
         lambda: MixedLM(y.astype(float), x.astype(float), groups=task).fit(reml=True), args.repeats
     )
     fixed = np.max(np.abs(np.asarray(reference.fe_params) - np.asarray(result.params.component_coef[0, :, 0])))

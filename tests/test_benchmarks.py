@@ -94,3 +94,35 @@ def test_float32_grid_script(tmp_path):
 def test_scripts_reject_bad_flags(name):
     with pytest.raises(SystemExit):
         load(name).main(["--no-such-flag"])
+
+
+def test_sequence_speed_script(tmp_path):
+    import hmmlearn  # noqa: F401  (in the [test] extra: the hmmlearn parity below always runs)
+
+    path = tmp_path / "sequence_speed.json"
+    module = load("sequence_speed")
+    module.main(["--sequences", "30", "--length", "12", "--symbols", "4", "--states", "3", "--hmm-iterations", "2",
+                 "--documents", "20", "--tokens-per-document", "15", "--vocabulary", "30", "--topics", "3",
+                 "--lda-iterations", "2", "--scaling-tasks", "2", "--scaling-per-task", "5",
+                 "--scaling-factors", "1", "2", "--inner-iterations", "3", "--repeats", "1", "--json", str(path)])
+    results = json.loads(path.read_text())
+    assert results["dtype"] == "float64" and set(results) >= {"config", "hmm", "lda", "scaling", "table"}
+    hmm = results["hmm"]
+    assert hmm["data"] == {"sequences": 30, "length": 12, "symbols": 4, "states": 3, "tokens": 360}
+    assert hmm["ours"]["seconds_per_iteration"] > 0 and hmm["ours"]["loglik_start"] < 0
+    reference = hmm["hmmlearn"]
+    assert reference["iterations"] == 2 and reference["over_ours_time_per_iteration"] > 0
+    # Same data and start in float64: one EM iteration has hmmlearn's log-likelihoods and parameters.
+    assert reference["loglik_max_relative_difference"] < 1e-8, reference
+    assert reference["max_abs_param_difference"] < 1e-8, reference
+    dynamax = hmm["dynamax"]
+    assert "skipped" in dynamax or dynamax["loglik_max_relative_difference"] < 1e-8, dynamax
+    lda = results["lda"]
+    assert lda["data"]["documents"] == 20 and lda["ours"]["seconds_per_iteration"] > 0
+    assert "skipped" in lda["sklearn"] or "over_ours_time_per_iteration" in lda["sklearn"]
+    rows = results["scaling"]["rows"]
+    assert [(row["factor"], row["tasks"], row["sequences"]) for row in rows] == [(1, 2, 10), (2, 4, 20)]
+    assert rows[0]["over_base_time_per_iteration"] == 1.0 and rows[1]["seconds_per_iteration"] > 0
+    assert "hmmlearn / ours" in results["table"] and "Markov SequenceLDA x2" in results["table"]
+    with pytest.raises(SystemExit):
+        module.main(["--no-such-flag"])

@@ -6,11 +6,12 @@
 * mean and standard error over replicates or splits: :func:`summarize` and its text form
   :func:`plus_minus`;
 * ahead-of-time compilation with compile and run time measured apart:
-  :func:`compile_and_run`.
+  :func:`compile_and_run`; warm timings: :func:`median_time`.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ __all__ = [
     "TimedRun",
     "cast_floats",
     "compile_and_run",
+    "median_time",
     "plus_minus",
     "resolve_dtype",
     "stack_trees",
@@ -182,3 +184,18 @@ def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, 
         compiled=compiled,
         reused=reused,
     )
+
+
+def median_time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` runs of ``run()`` after an untimed warm-up; and its last output.
+
+    Each run blocks until its JAX outputs are ready. (A jitted function's warm-up is cheap
+    once it has been compiled and run by :func:`compile_and_run`.)
+    """
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
