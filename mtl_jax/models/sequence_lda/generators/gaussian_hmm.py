@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from numpyro.distributions import Normal
 
 from mtl_jax.models.sequence_lda.generators.common import log_dirichlet, log_normalize
-from mtl_jax.models.sequence_lda.generators.hmm import forward
+from mtl_jax.models.sequence_lda.generators.states import forward
 
 
 class GaussianHMMParams(NamedTuple):

@@ -13,10 +13,7 @@ and END. So
 a distribution over finite non-empty strings. With ``halting=False`` rows of :math:`A`
 have ``S`` outcomes and there is no END factor (the prefix probability).
 
-The forward pass (:func:`forward`) is a ``lax.scan`` whose carry is the normalised
-filtered log-distribution :math:`\log p(z_l \mid x_{1:l})`; each step emits its
-log-normaliser :math:`\log p(x_l \mid x_{1:l-1})` (which includes the probability of not
-ending), and their sum is the log-likelihood: stable in float32 for long sequences.
+The forward pass is :func:`.states.forward`, shared with the Gaussian HMM.
 
 The M-step is one Baum-Welch step whose expected counts are gradients (Fisher's
 identity): for any probability :math:`p` entering the likelihood multiplicatively,
@@ -30,11 +27,11 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import log_dirichlet, log_normalize
+from mtl_jax.models.sequence_lda.generators.states import forward, next_outcome_log_probs
 
 
 class HMMParams(NamedTuple):
@@ -48,74 +45,6 @@ class HMMParams(NamedTuple):
     log_init: Float[Array, "*K S"]
     log_trans: Float[Array, "*K S W"]
     log_emit: Float[Array, "*K S V"]
-
-
-def forward(
-    log_init: Float[Array, " S"],
-    log_trans: Float[Array, "S W"],
-    log_obs: Float[Array, "L S"],
-    length: Int[Array, ""],
-    halting: bool,
-) -> tuple[Float[Array, ""], Float[Array, "L S"]]:
-    r"""The forward algorithm in normalised log space for one sequence.
-
-    Args:
-        log_init: :math:`\log \pi`.
-        log_trans: :math:`\log A` (last column END when ``halting``).
-        log_obs: :math:`\log p(x_l \mid z_l = s)` at each position (any emission model).
-        length: Number of valid positions; later steps are identity updates.
-        halting: Whether to include the END factor of the last state.
-
-    Returns:
-        ``(log P(x_{1:length}), log_filtered)``: the log-likelihood (0 when
-        ``length == 0``) and :math:`\log p(z_l \mid x_{1:l})` per position (rows at
-        ``l >= length`` repeat the last valid row).
-    """
-    num_states = log_init.shape[-1]
-    log_move = log_trans[:, :num_states]
-
-    def step(log_filtered, inputs):
-        position, log_ob = inputs
-        log_predicted = jnp.where(
-            position == 0, log_init, logsumexp(log_filtered[:, None] + log_move, axis=0)
-        )
-        log_joint = log_predicted + log_ob
-        log_norm = logsumexp(log_joint)
-        valid = position < length
-        log_filtered = jnp.where(valid, log_joint - log_norm, log_filtered)
-        return log_filtered, (jnp.where(valid, log_norm, 0.0), log_filtered)
-
-    positions = jnp.arange(log_obs.shape[0])
-    last, (log_norms, log_filtered) = lax.scan(step, log_init, (positions, log_obs))
-    log_prob = jnp.sum(log_norms)
-    if halting:
-        log_end = logsumexp(last + log_trans[:, num_states])
-        log_prob = log_prob + jnp.where(length > 0, log_end, 0.0)
-    return log_prob, log_filtered
-
-
-def next_outcome_log_probs(
-    log_init: Float[Array, " S"],
-    log_trans: Float[Array, "S W"],
-    log_filtered: Float[Array, "L S"],
-    halting: bool,
-) -> tuple[Float[Array, "L+1 S"], Float[Array, " L+1"]]:
-    r"""Predicted next-state log-masses and the END log-probability after each prefix.
-
-    Row 0 (empty prefix) is :math:`\log \pi` with END impossible; row ``j >= 1`` is
-    :math:`\log \sum_s p(z_j = s \mid x_{1:j}) A_{s,\cdot}` (total mass ``1 - P(END)``).
-    Without halting END is ``-inf``.
-    """
-    num_states = log_init.shape[-1]
-    moves = logsumexp(log_filtered[:, :, None] + log_trans[None, :, :num_states], axis=1)
-    if halting:
-        end = logsumexp(log_filtered + log_trans[:, num_states], axis=1)
-    else:
-        end = jnp.full(log_filtered.shape[0], -jnp.inf, log_filtered.dtype)
-    return (
-        jnp.concatenate([log_init[None], moves], axis=0),
-        jnp.concatenate([jnp.full(1, -jnp.inf, end.dtype), end]),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
