@@ -1,12 +1,13 @@
 r"""Hidden Markov model topic with Gaussian emissions, for real-valued sequences.
 
-The state process (initial distribution, moves and per-state END, see :mod:`.hmm`) is
-that of the categorical HMM; state ``s`` emits :math:`x_l \sim N(\mu_s, \sigma^2_s)`.
+The state process (initial distribution, moves and per-state END, forward pass and
+Baum-Welch counts) is :class:`.states.HiddenStates`, that of the categorical HMM; state
+``s`` emits :math:`x_l \sim N(\mu_s, \sigma^2_s)`.
 
 The M-step is one Baum-Welch step. State occupancies :math:`\gamma_{sl}(n)` are the
-gradients of :math:`\sum_n w_n \log P(x_n)` with respect to an additive offset of the
-log emission densities (Fisher's identity), the state-process counts the gradients with
-respect to the log-probabilities; means and variances are the MAP under the prior
+gradients of :math:`\sum_n w_n \log P(x_n)` with respect to the log emission densities
+(Fisher's identity, :meth:`.states.HiddenStates.state_counts`); means and variances are
+the MAP under the prior
 :math:`\log p(\mu, \sigma^2) = -\tfrac a2 \log \sigma^2 - a\,\frac{(\mu - m_0)^2 + v_0}{2\sigma^2}`
 (``a = pseudo_count``, ``m_0 = prior_mean``, ``v_0 = prior_variance``), which keeps every
 variance above ``a v_0 / (N_s + a)``:
@@ -22,11 +23,10 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 from numpyro.distributions import Normal
 
-from mtl_jax.models.sequence_lda.generators.common import log_dirichlet, log_normalize
-from mtl_jax.models.sequence_lda.generators.hmm import forward
+from mtl_jax.models.sequence_lda.generators.states import HiddenStates
 
 
 class GaussianHMMParams(NamedTuple):
@@ -44,7 +44,7 @@ class GaussianHMMParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class GaussianHMM:
+class GaussianHMM(HiddenStates):
     """A Gaussian-emission HMM per topic (reads ``values``, not ``tokens``).
 
     Attributes:
@@ -62,28 +62,25 @@ class GaussianHMM:
     prior_mean: float = 0.0
     prior_variance: float = 1.0
     observations: ClassVar[str] = "values"
+    _params: ClassVar[type] = GaussianHMMParams
+
+    # The emission statistics are the occupancies themselves.
+    expected_counts = HiddenStates.state_counts
 
     @property
-    def width(self) -> int:
-        """``W``, outcomes per transition row: ``S + 1`` with halting, else ``S``."""
-        return self.num_states + int(self.halting)
+    def _emission_parameters(self) -> int:
+        """``2 S``: a mean and a variance per state."""
+        return 2 * self.num_states
 
-    @property
-    def num_parameters(self) -> int:
-        """Free parameters of one topic: ``(S - 1) + S (W - 1) + 2 S``."""
-        S = self.num_states
-        return S - 1 + S * (self.width - 1) + 2 * S
-
-    def init(self, key: PRNGKeyArray, num_topics: int) -> GaussianHMMParams:
-        """Flat-Dirichlet state process; means drawn from the prior, variances ``v_0``."""
-        keys = jax.random.split(key, 3)
-        K, S = num_topics, self.num_states
+    def _init_emissions(
+        self, key: PRNGKeyArray, num_topics: int
+    ) -> tuple[Float[Array, "K S"], Float[Array, "K S"]]:
+        """Means drawn from the prior, variances ``v_0``."""
+        shape = (num_topics, self.num_states)
         scale = jnp.sqrt(self.prior_variance)
-        return GaussianHMMParams(
-            log_dirichlet(keys[0], (K, S)),
-            log_dirichlet(keys[1], (K, S, self.width)),
-            self.prior_mean + scale * jax.random.normal(keys[2], (K, S)),
-            jnp.full((K, S), jnp.log(self.prior_variance)),
+        return (
+            self.prior_mean + scale * jax.random.normal(key, shape),
+            jnp.full(shape, jnp.log(self.prior_variance)),
         )
 
     def _log_obs(
@@ -92,71 +89,23 @@ class GaussianHMM:
         """Log emission densities of every position under every state."""
         return Normal(params.mean, jnp.exp(0.5 * params.log_var)).log_prob(values[:, None])
 
-    def log_prob(
-        self, params: GaussianHMMParams, values: Float[Array, " L"], length: Int[Array, ""]
-    ) -> Float[Array, ""]:
-        """Log-density of one sequence (its first ``length`` values) under one topic."""
-        log_obs = self._log_obs(params, values)
-        return forward(params.log_init, params.log_trans, log_obs, length, self.halting)[0]
+    def _emission_log_prior(self, params: GaussianHMMParams) -> Float[Array, ""]:
+        r"""The log of the emission prior (module docstring) over ``a``, up to a constant.
 
-    def log_prior(self, params: GaussianHMMParams) -> Float[Array, ""]:
-        r"""Log of the prior the M-step's MAP maximises, up to a constant.
-
-        :math:`a (\sum \log \pi + \sum \log A) + \sum_{k,s} \bigl(-\tfrac a2 \log \sigma^2_{ks}
-        - a \frac{(\mu_{ks} - m_0)^2 + v_0}{2 \sigma^2_{ks}}\bigr)` (module docstring); 0 when ``a = 0``.
+        :math:`\sum_{k,s} \bigl(-\tfrac 12 \log \sigma^2_{ks}
+        - \frac{(\mu_{ks} - m_0)^2 + v_0}{2 \sigma^2_{ks}}\bigr)`.
         """
-        a = self.pseudo_count
-        if not a:
-            return jnp.zeros(())
-        process = jnp.sum(params.log_init) + jnp.sum(params.log_trans)
         spread = (params.mean - self.prior_mean) ** 2 + self.prior_variance
-        emission = -0.5 * params.log_var - spread / (2.0 * jnp.exp(params.log_var))
-        return a * (process + jnp.sum(emission))
+        return jnp.sum(-0.5 * params.log_var - spread / (2.0 * jnp.exp(params.log_var)))
 
-    def expected_counts(
-        self,
-        params: GaussianHMMParams,
-        values: Float[Array, "N L"],
-        lengths: Int[Array, " N"],
-        weights: Float[Array, "N K"],
-    ) -> tuple[Float[Array, "K S"], Float[Array, "K S W"], Float[Array, "K N L S"]]:
-        r"""Weighted expected initial states, moves/ENDs and occupancies.
-
-        Returns:
-            Per topic: expected initial states ``[K, S]``, moves and ENDs ``[K, S, W]``,
-            and occupancies :math:`w_{nk} \gamma_{nls}` ``[K, N, L, S]``.
-        """
-        log_obs = jax.vmap(jax.vmap(self._log_obs, (None, 0)), (0, None))(params, values)
-
-        def objective(log_init, log_trans, log_obs_one, weights_one):
-            log_probs = jax.vmap(forward, (None, None, 0, 0, None))(
-                log_init, log_trans, log_obs_one, lengths, self.halting
-            )[0]
-            return jnp.sum(weights_one * log_probs)
-
-        offsets = jnp.zeros_like(log_obs)
-        grad = jax.vmap(
-            lambda a, b, obs, off, w: jax.grad(
-                lambda a, b, off: objective(a, b, obs + off, w), argnums=(0, 1, 2)
-            )(a, b, off)
-        )
-        return grad(params.log_init, params.log_trans, log_obs, offsets, weights.T)
-
-    def m_step(
-        self,
-        params: GaussianHMMParams,
-        values: Float[Array, "N L"],
-        lengths: Int[Array, " N"],
-        weights: Float[Array, "N K"],
-    ) -> GaussianHMMParams:
-        """One Baum-Welch step (MAP means and variances, see the module docstring)."""
-        init, trans, occupancy = self.expected_counts(params, values, lengths, weights)
+    def _emission_m_step(
+        self, values: Float[Array, "N L"], occupancy: Float[Array, "K N L S"]
+    ) -> tuple[Float[Array, "K S"], Float[Array, "K S"]]:
+        """MAP means and log-variances from the weighted occupancies (module docstring)."""
         a, m0 = self.pseudo_count, self.prior_mean
         total = jnp.sum(occupancy, axis=(1, 2)) + a
         mean = (jnp.einsum("knls,nl->ks", occupancy, values) + a * m0) / total
         deviation = values[None, :, :, None] - mean[:, None, None]
         spread = jnp.einsum("knls,knls->ks", occupancy, deviation**2)
         var = (spread + a * (mean - m0) ** 2 + a * self.prior_variance) / total
-        return GaussianHMMParams(
-            log_normalize(init, a), log_normalize(trans, a), mean, jnp.log(var)
-        )
+        return mean, jnp.log(var)

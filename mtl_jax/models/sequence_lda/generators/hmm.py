@@ -1,26 +1,17 @@
 r"""Hidden Markov model topic with categorical emissions and per-state halting.
 
-With ``S`` hidden states, initial distribution :math:`\pi`, transitions :math:`A` and
-emissions :math:`B`: the first state is :math:`z_1 \sim \pi`, each state emits
-:math:`x_l \sim B_{z_l}`, and then either ends the sequence (probability
-:math:`A_{z_l, \mathrm{END}}`) or moves to :math:`z_{l+1}` (probability
-:math:`A_{z_l, z_{l+1}}`), each row of :math:`A` normalised jointly over the ``S`` moves
-and END. So
+The state process (initial distribution :math:`\pi`, moves and per-state END :math:`A`,
+forward pass, Baum-Welch counts) is :class:`.states.HiddenStates`; state ``s`` emits
+symbol :math:`x_l = v` with probability :math:`B_{sv}`. So
 
 .. math:: P(x_{1:L}) = \sum_{z} \pi_{z_1} B_{z_1 x_1}
           \prod_{l=2}^{L} A_{z_{l-1} z_l} B_{z_l x_l} \; A_{z_L, \mathrm{END}},
 
-a distribution over finite non-empty strings. With ``halting=False`` rows of :math:`A`
-have ``S`` outcomes and there is no END factor (the prefix probability).
+a distribution over finite non-empty strings (no END factor with ``halting=False``).
 
-The forward pass (:func:`forward`) is a ``lax.scan`` whose carry is the normalised
-filtered log-distribution :math:`\log p(z_l \mid x_{1:l})`; each step emits its
-log-normaliser :math:`\log p(x_l \mid x_{1:l-1})` (which includes the probability of not
-ending), and their sum is the log-likelihood: stable in float32 for long sequences.
-
-The M-step is one Baum-Welch step whose expected counts are gradients (Fisher's
-identity): for any probability :math:`p` entering the likelihood multiplicatively,
-:math:`\partial \log P(x) / \partial \log p = \mathbb{E}[\#\text{uses of } p \mid x]`.
+The M-step is one Baum-Welch step: with occupancies :math:`\gamma_{nls}` weighted by
+:math:`w_{nk}` (gradients, Fisher's identity),
+:math:`B_{k,sv} \propto a + \sum_{n,l} w_{nk} \gamma_{nls} [x_{nl} = v]`.
 """
 
 from __future__ import annotations
@@ -30,11 +21,15 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import log_dirichlet, log_normalize
+from mtl_jax.models.sequence_lda.generators.states import (
+    HiddenStates,
+    forward,
+    next_outcome_log_probs,
+)
 
 
 class HMMParams(NamedTuple):
@@ -50,82 +45,14 @@ class HMMParams(NamedTuple):
     log_emit: Float[Array, "*K S V"]
 
 
-def forward(
-    log_init: Float[Array, " S"],
-    log_trans: Float[Array, "S W"],
-    log_obs: Float[Array, "L S"],
-    length: Int[Array, ""],
-    halting: bool,
-) -> tuple[Float[Array, ""], Float[Array, "L S"]]:
-    r"""The forward algorithm in normalised log space for one sequence.
-
-    Args:
-        log_init: :math:`\log \pi`.
-        log_trans: :math:`\log A` (last column END when ``halting``).
-        log_obs: :math:`\log p(x_l \mid z_l = s)` at each position (any emission model).
-        length: Number of valid positions; later steps are identity updates.
-        halting: Whether to include the END factor of the last state.
-
-    Returns:
-        ``(log P(x_{1:length}), log_filtered)``: the log-likelihood (0 when
-        ``length == 0``) and :math:`\log p(z_l \mid x_{1:l})` per position (rows at
-        ``l >= length`` repeat the last valid row).
-    """
-    num_states = log_init.shape[-1]
-    log_move = log_trans[:, :num_states]
-
-    def step(log_filtered, inputs):
-        position, log_ob = inputs
-        log_predicted = jnp.where(
-            position == 0, log_init, logsumexp(log_filtered[:, None] + log_move, axis=0)
-        )
-        log_joint = log_predicted + log_ob
-        log_norm = logsumexp(log_joint)
-        valid = position < length
-        log_filtered = jnp.where(valid, log_joint - log_norm, log_filtered)
-        return log_filtered, (jnp.where(valid, log_norm, 0.0), log_filtered)
-
-    positions = jnp.arange(log_obs.shape[0])
-    last, (log_norms, log_filtered) = lax.scan(step, log_init, (positions, log_obs))
-    log_prob = jnp.sum(log_norms)
-    if halting:
-        log_end = logsumexp(last + log_trans[:, num_states])
-        log_prob = log_prob + jnp.where(length > 0, log_end, 0.0)
-    return log_prob, log_filtered
-
-
-def next_outcome_log_probs(
-    log_init: Float[Array, " S"],
-    log_trans: Float[Array, "S W"],
-    log_filtered: Float[Array, "L S"],
-    halting: bool,
-) -> tuple[Float[Array, "L+1 S"], Float[Array, " L+1"]]:
-    r"""Predicted next-state log-masses and the END log-probability after each prefix.
-
-    Row 0 (empty prefix) is :math:`\log \pi` with END impossible; row ``j >= 1`` is
-    :math:`\log \sum_s p(z_j = s \mid x_{1:j}) A_{s,\cdot}` (total mass ``1 - P(END)``).
-    Without halting END is ``-inf``.
-    """
-    num_states = log_init.shape[-1]
-    moves = logsumexp(log_filtered[:, :, None] + log_trans[None, :, :num_states], axis=1)
-    if halting:
-        end = logsumexp(log_filtered + log_trans[:, num_states], axis=1)
-    else:
-        end = jnp.full(log_filtered.shape[0], -jnp.inf, log_filtered.dtype)
-    return (
-        jnp.concatenate([log_init[None], moves], axis=0),
-        jnp.concatenate([jnp.full(1, -jnp.inf, end.dtype), end]),
-    )
-
-
 @dataclasses.dataclass(frozen=True)
-class HMM:
+class HMM(HiddenStates):
     """A categorical-emission HMM per topic.
 
     Attributes:
         num_symbols: ``V``.
         num_states: ``S``.
-        halting: Whether each state may END the sequence (see the module docstring).
+        halting: Whether each state may END the sequence (see :mod:`.states`).
         pseudo_count: Dirichlet pseudo-count added to every expected count in the M-step.
     """
 
@@ -134,73 +61,54 @@ class HMM:
     halting: bool = True
     pseudo_count: float = 0.01
     observations: ClassVar[str] = "tokens"
+    _params: ClassVar[type] = HMMParams
 
     @property
-    def width(self) -> int:
-        """``W``, outcomes per transition row: ``S + 1`` with halting, else ``S``."""
-        return self.num_states + int(self.halting)
+    def _emission_parameters(self) -> int:
+        """``S (V - 1)``."""
+        return self.num_states * (self.num_symbols - 1)
 
-    @property
-    def num_parameters(self) -> int:
-        """Free parameters of one topic: ``(S - 1) + S (W - 1) + S (V - 1)``."""
-        S = self.num_states
-        return S - 1 + S * (self.width - 1) + S * (self.num_symbols - 1)
+    def _init_emissions(self, key: PRNGKeyArray, num_topics: int) -> tuple[Float[Array, "K S V"]]:
+        """Flat-Dirichlet random emission rows."""
+        return (log_dirichlet(key, (num_topics, self.num_states, self.num_symbols)),)
 
-    def init(self, key: PRNGKeyArray, num_topics: int) -> HMMParams:
-        """Flat-Dirichlet random initial, transition and emission rows."""
-        keys = jax.random.split(key, 3)
-        K, S = num_topics, self.num_states
-        return HMMParams(
-            log_dirichlet(keys[0], (K, S)),
-            log_dirichlet(keys[1], (K, S, self.width)),
-            log_dirichlet(keys[2], (K, S, self.num_symbols)),
-        )
+    def _log_obs(self, params: HMMParams, tokens: Int[Array, " L"]) -> Float[Array, "L S"]:
+        r""":math:`\log B_{s x_l}`."""
+        return params.log_emit[:, tokens].T
 
-    def log_prob(
-        self, params: HMMParams, tokens: Int[Array, " L"], length: Int[Array, ""]
-    ) -> Float[Array, ""]:
-        """Log-probability of one sequence (its first ``length`` tokens) under one topic."""
-        log_obs = params.log_emit[:, tokens].T
-        return forward(params.log_init, params.log_trans, log_obs, length, self.halting)[0]
+    def _emission_log_prior(self, params: HMMParams) -> Float[Array, ""]:
+        r""":math:`\sum \log B` (the ``Dirichlet(1 + a)`` rows' log-density over ``a``)."""
+        return jnp.sum(params.log_emit)
 
-    def log_prior(self, params: HMMParams) -> Float[Array, ""]:
-        r"""Log of the ``Dirichlet(1 + a)`` row priors the M-step's MAP maximises, up to a constant.
+    def _emission_counts(
+        self, tokens: Int[Array, "N L"], occupancy: Float[Array, "K N L S"]
+    ) -> Float[Array, "K S V"]:
+        r""":math:`\sum_{n,l} o_{knls} [x_{nl} = v]` (one ``segment_sum`` over all positions)."""
+        K, S = occupancy.shape[0], occupancy.shape[-1]
+        data = jnp.moveaxis(occupancy, 0, 2).reshape(-1, K * S)
+        counts = jax.ops.segment_sum(data, tokens.reshape(-1), num_segments=self.num_symbols)
+        return counts.T.reshape(K, S, self.num_symbols)
 
-        :math:`a` times the sum of every log-probability (``a = pseudo_count``; 0 when ``a = 0``).
-        """
-        if not self.pseudo_count:
-            return jnp.zeros(())
-        return self.pseudo_count * sum(jnp.sum(leaf) for leaf in params)
+    def _emission_m_step(
+        self, tokens: Int[Array, "N L"], occupancy: Float[Array, "K N L S"]
+    ) -> tuple[Float[Array, "K S V"]]:
+        """Expected emissions plus pseudo-counts, normalised per row."""
+        return (log_normalize(self._emission_counts(tokens, occupancy), self.pseudo_count),)
 
     def expected_counts(
         self,
         params: HMMParams,
-        tokens: Int[Array, "S L"],
-        lengths: Int[Array, " S"],
-        weights: Float[Array, "S K"],
+        tokens: Int[Array, "N L"],
+        lengths: Int[Array, " N"],
+        weights: Float[Array, "N K"],
     ) -> HMMParams:
         r"""Weighted expected counts of every parameter, per topic (a ``[K, ...]`` pytree).
 
-        :math:`\partial_{\log \theta_k} \sum_s w_{sk} \log P_k(x_s)` (Fisher's identity):
+        :math:`\partial_{\log \theta_k} \sum_n w_{nk} \log P_k(x_n)` (Fisher's identity):
         the expected initial states, moves and ENDs, and emissions, weighted by ``w``.
         """
-
-        def objective(params_one, weights_one):
-            log_probs = jax.vmap(self.log_prob, (None, 0, 0))(params_one, tokens, lengths)
-            return jnp.sum(weights_one * log_probs)
-
-        return jax.vmap(jax.grad(objective))(params, weights.T)
-
-    def m_step(
-        self,
-        params: HMMParams,
-        tokens: Int[Array, "S L"],
-        lengths: Int[Array, " S"],
-        weights: Float[Array, "S K"],
-    ) -> HMMParams:
-        """One Baum-Welch step: expected counts plus pseudo-counts, normalised per row."""
-        counts = self.expected_counts(params, tokens, lengths, weights)
-        return HMMParams(*(log_normalize(c, self.pseudo_count) for c in counts))
+        init, trans, occupancy = self.state_counts(params, tokens, lengths, weights)
+        return HMMParams(init, trans, self._emission_counts(tokens, occupancy))
 
     def next_symbol_log_probs(
         self, params: HMMParams, tokens: Int[Array, " L"], length: Int[Array, ""]
@@ -212,7 +120,7 @@ class HMM:
         :math:`P(\mathrm{END}) = \sum_s p(z_j = s \mid x_{1:j}) A_{s,\mathrm{END}}`. Rows
         ``j > length`` repeat row ``length``.
         """
-        log_obs = params.log_emit[:, tokens].T
+        log_obs = self._log_obs(params, tokens)
         _, log_filtered = forward(params.log_init, params.log_trans, log_obs, length, self.halting)
         log_states, log_end = next_outcome_log_probs(
             params.log_init, params.log_trans, log_filtered, self.halting
