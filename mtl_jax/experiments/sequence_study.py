@@ -53,8 +53,9 @@ Every fitted model of one ``T`` is fitted to all repeats and all :math:`\alpha` 
 one call (:func:`mtl_jax.experiments.table2.fit_replicates`, EM vmapped over the batch
 with vmapped restarts). The designs are built directly as
 :class:`~mtl_jax.data.SequenceData` with shapes fixed across the batch: ``n_hi * T``
-training rows (padding rows have length and count 0) and the bucketed maximum length of
-all simulated training (or test) sequences. Simulation is numpy (seeded by
+training rows (padding rows have length and count 0) and the maximum length of all
+simulated training (or test) sequences (not rounded up to a power of two as
+:class:`~mtl_jax.data.SequenceData` buckets do: the forward passes scan every position). Simulation is numpy (seeded by
 ``(seed, alpha index, repeat)``); the study runs in float32 by default (the HMM forward
 pass is normalised at every step, so float32 is accurate here).
 
@@ -76,7 +77,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Float, Int
 
-from mtl_jax.data.sequences import SequenceData, bucket_length
+from mtl_jax.data.sequences import SequenceData
 from mtl_jax.experiments.common import compile_and_run, plus_minus, resolve_dtype, stack_trees, summarize
 from mtl_jax.experiments.table2 import fit_replicates
 from mtl_jax.models.sequence_lda import (
@@ -337,8 +338,8 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True) -> dict
     sims = [simulate_tasks(np.random.default_rng([int(config["seed"]), a, r]), config, alpha)
             for a, alpha in enumerate(alphas) for r in range(repeats)]
     batch_alpha = np.repeat(np.asarray(alphas), repeats)
-    train_length = bucket_length(max(len(s) for sim in sims for task in sim.train for s in task))
-    test_length = bucket_length(max(len(s) for sim in sims for task in sim.test for s in task))
+    train_length = max(len(s) for sim in sims for task in sim.train for s in task)
+    test_length = max(len(s) for sim in sims for task in sim.test for s in task)
     root = jax.random.key(int(config["seed"]))
 
     timings = []
