@@ -304,7 +304,9 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True) -> dict
             ``repeats``: independent draws per :math:`\\alpha`; ``pseudo_count``: the
             fitted generators' Dirichlet (MAP) pseudo-count; ``n_init``, ``max_iter``,
             ``tol``: EM restarts and stopping rule; ``seed``; ``dtype``: ``"float32"``,
-            ``"float64"`` or ``None`` (JAX's default).
+            ``"float64"`` or ``None`` (JAX's default). ``"float32"`` needs a process
+            without ``jax_enable_x64``: the models draw their EM starts in JAX's default
+            float, and variational EM cannot mix the two.
         progress: print a line per ``T`` and the result table.
 
     Returns:
