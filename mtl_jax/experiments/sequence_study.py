@@ -470,7 +470,11 @@ def format_table(output: dict[str, Any]) -> str:
 
 
 def plot_results(output: dict[str, Any], path: str | Path) -> Path:
-    """Draws both metrics against the number of tasks, one column per alpha, error bars +- 1 s.e.
+    """Draws the metrics against the number of tasks, one column per alpha, error bars +- 1 s.e.
+
+    Rows: held-out log-likelihood per sequence, next-symbol accuracy, and the fitted
+    models' log-likelihood gap to the oracle (paired within repeats, so its error bars
+    leave out the repeat-to-repeat variation of the truth).
 
     matplotlib is imported here (with the non-interactive Agg backend), not with the module.
 
@@ -484,14 +488,15 @@ def plot_results(output: dict[str, Any], path: str | Path) -> Path:
 
     path = Path(path)
     alphas = list(output["results"])
-    metrics = {"loglik": "held-out log-likelihood per sequence", "accuracy": "next-symbol accuracy (%)"}
-    figure, axes = plt.subplots(len(metrics), len(alphas), figsize=(4.2 * len(alphas), 7), squeeze=False)
+    metrics = {"loglik": "held-out log-likelihood per sequence", "accuracy": "next-symbol accuracy (%)",
+               "loglik_gap": "oracle minus model log-likelihood"}
+    figure, axes = plt.subplots(len(metrics), len(alphas), figsize=(4.2 * len(alphas), 10), squeeze=False)
     for column, alpha in enumerate(alphas):
         by_tasks = output["results"][alpha]
         tasks = [int(T) for T in by_tasks]
         for row, (metric, label) in enumerate(metrics.items()):
             ax = axes[row, column]
-            for name in MODELS:
+            for name in (MODELS if metric in METRICS else MODELS[:-1]):
                 values = [by_tasks[str(T)][name][metric] for T in tasks]
                 ax.errorbar(tasks, [v["mean"] for v in values], yerr=[v["se"] or 0.0 for v in values],
                             marker="o", capsize=3, label=name, linestyle="--" if name == "oracle" else "-")
