@@ -94,11 +94,12 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run", help="run a paper experiment from a YAML config",
-        description="Run the experiment of a YAML config and write its results as JSON.",
+        description="Run the experiment of a YAML config and write its results as JSON "
+                    "(and its figure as PNG, for experiments that draw one).",
     )
     run.add_argument("config", type=Path, help="YAML file, e.g. configs/simulation_study.yaml")
     run.add_argument("--out-dir", type=Path, default=Path("results"),
-                     help="directory for <config name>.json (default: results)")
+                     help="directory for <config name>.json and .png (default: results)")
     run.set_defaults(command=_run)
 
     fit_ = commands.add_parser(
@@ -139,13 +140,15 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    """``mtl-jax run``: runs one experiment and writes ``<out-dir>/<config stem>.json``."""
+    """``mtl-jax run``: runs one experiment and writes ``<out-dir>/<config stem>.json`` (and ``.png``, if it has a figure)."""
     config = yaml.safe_load(args.config.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{args.config} must hold a YAML mapping of settings")
-    from mtl_jax.experiments import run_experiment, write_results
+    from mtl_jax.experiments import run_experiment, write_plot, write_results
 
-    write_results(run_experiment(config, progress=True), args.out_dir / f"{args.config.stem}.json")
+    results = run_experiment(config, progress=True)
+    path = write_results(results, args.out_dir / f"{args.config.stem}.json")
+    write_plot(config["experiment"], results, path)
 
 
 def _fit(args: argparse.Namespace) -> None:

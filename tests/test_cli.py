@@ -470,6 +470,8 @@ def test_run_rejects_a_config_that_is_not_a_mapping(tmp_path):
         ("simulation_study", "table2"),
         ("simulation_study_small", "table2"),
         ("school_study", "school"),
+        ("sequence_study", "sequence_study"),
+        ("sequence_study_small", "sequence_study"),
     ],
 )
 def test_configs_use_only_settings_their_experiment_knows(name, module):

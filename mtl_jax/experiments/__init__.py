@@ -7,7 +7,9 @@
 
 Every experiment is a function ``(config: dict, *, progress: bool) -> dict`` returning a
 JSON-serialisable dict; ``config["experiment"]`` picks it from :data:`EXPERIMENTS`, which
-receives the whole config.
+receives the whole config. An experiment with a figure also has a function
+``(results: dict, path: Path) -> Path`` in :data:`PLOTS`, which :func:`write_plot` calls
+to draw it next to the JSON file.
 """
 
 from __future__ import annotations
@@ -27,10 +29,30 @@ def _run_school_study(config: dict, *, progress: bool = True) -> dict:
     return run_school_study(config, progress=progress)
 
 
+def _run_sequence_study(config: dict, *, progress: bool = True) -> dict:
+    """The Sequential LDA synthetic study; its module is imported on first use."""
+    from mtl_jax.experiments.sequence_study import run_sequence_study
+
+    return run_sequence_study(config, progress=progress)
+
+
+def _plot_sequence_study(results: dict, path: Path) -> Path:
+    """The figure of the Sequential LDA synthetic study (both metrics against the number of tasks)."""
+    from mtl_jax.experiments.sequence_study import plot_results
+
+    return plot_results(results, path)
+
+
 EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "simulation_study": run_simulation_study,
     "school_study": _run_school_study,
+    "sequence_study": _run_sequence_study,
 }
+
+PLOTS: dict[str, Callable[[dict, Path], Path]] = {
+    "sequence_study": _plot_sequence_study,
+}
+"""Figure of each experiment that has one, by experiment name."""
 
 
 def run_experiment(config: dict, *, progress: bool = True) -> dict:
@@ -63,3 +85,17 @@ def write_results(results: dict, path: str | Path) -> Path:
     print(f"results written to {path}")
     return path
 
+
+
+def write_plot(name: str, results: dict, json_path: str | Path) -> Path | None:
+    """Draw experiment ``name``'s figure as a PNG beside its JSON file and say where.
+
+    Returns:
+        The PNG's path (``json_path`` with suffix ``.png``), or None for an experiment
+        without a figure (not in :data:`PLOTS`).
+    """
+    if name not in PLOTS:
+        return None
+    path = PLOTS[name](results, Path(json_path).with_suffix(".png"))
+    print(f"figure written to {path}")
+    return path
