@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, logsumexp
 
-from mtl_jax import Fit, SequenceData, SequenceLDA, fit
+from mtl_jax import Fit, SequenceData, SequenceLDA, SequencePerTask, SequencePooled, fit
+from mtl_jax.experiments.common import cast_floats
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.sequence_lda import SequenceLDAParams
 from mtl_jax.models.sequence_lda.generators import CategoricalParams, MarkovParams
@@ -201,3 +202,16 @@ def test_bad_settings_raise(settings, message):
 def test_generator_must_match_the_kind_of_data():
     with pytest.raises(ValueError, match="reads values"):
         SequenceLDA(2, "gaussian-hmm", num_states=2).design(_tiny())
+
+
+@pytest.mark.parametrize("model", [SequenceLDA(num_topics=2, generator="markov"),
+                                   SequencePooled(generator="hmm", num_states=2),
+                                   SequencePerTask(generator="markov")])
+def test_float32_data_fit_in_float32_under_x64(model):
+    """The suite runs with jax_enable_x64: generators drawn in the default float must not turn a float32 fit into float64."""
+    data = cast_floats(_tiny(), jnp.float32)
+    result = fit(model, data, "em", seed=0, n_init=1, max_iter=20)
+    reference = fit(model, _tiny(), "em", seed=0, n_init=1, max_iter=20)
+    leaves = jax.tree_util.tree_leaves(result.params)
+    assert all(np.asarray(leaf).dtype == np.float32 for leaf in leaves)
+    np.testing.assert_allclose(result.loglik, reference.loglik, rtol=1e-4)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jaxtyping import Array
+from jaxtyping import Array, PRNGKeyArray
 
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.data.tabular import DataError
@@ -93,6 +93,15 @@ class SequenceModel:
     def generator_for(self, design: SequenceData):
         """The generator for a design (its static alphabet)."""
         return self.make_generator(design.alphabet)
+
+    def init_generators(self, key: PRNGKeyArray, design: SequenceData, count: int):
+        """``count`` stacked random generators (the generator's ``init``) in the design's float dtype.
+
+        The generators draw in JAX's default float; a float32 design under ``jax_enable_x64``
+        would otherwise start EM from float64 generators.
+        """
+        generators = self.generator_for(design).init(key, count)
+        return jax.tree_util.tree_map(lambda leaf: leaf.astype(design.counts.dtype), generators)
 
     def zero_generators(self, labels: dict, count: int):
         """Zeros shaped like ``count`` stacked generators for the labels' alphabet (a ``params_like`` skeleton).

@@ -174,7 +174,7 @@ class SequencePooled(GeneratorBaseline):
 
     def init(self, key: PRNGKeyArray, design: SequenceData):
         """A random generator (the generator's flat-Dirichlet start), without a topic axis."""
-        return jax.tree_util.tree_map(lambda leaf: leaf[0], self.generator_for(design).init(key, 1))
+        return jax.tree_util.tree_map(lambda leaf: leaf[0], self.init_generators(key, design, 1))
 
     def em_step(self, params, design: SequenceData):
         r"""One MAP EM step with weights :math:`w_n = c_n` (:func:`weighted_em_step`)."""
@@ -238,7 +238,7 @@ class SequencePerTask(GeneratorBaseline):
 
     def init(self, key: PRNGKeyArray, design: SequenceData) -> PerTaskParams:
         """Independent random generators (one draw of ``T + 1``) for the ``T`` training tasks and the pooled one."""
-        generators = self.generator_for(design).init(key, design.num_tasks + 1)
+        generators = self.init_generators(key, design, design.num_tasks + 1)
         return PerTaskParams(jax.tree_util.tree_map(lambda leaf: leaf[:-1], generators),
                              jax.tree_util.tree_map(lambda leaf: leaf[-1], generators))
 

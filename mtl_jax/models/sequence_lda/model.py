@@ -111,7 +111,7 @@ class SequenceLDA(SequenceModel):
     def init(self, key: PRNGKeyArray, design: SequenceData) -> SequenceLDAParams:
         r"""Random topics, :math:`\alpha = 1`, :math:`\gamma_{tk} = 1 + n_t / K` (``n_t`` sequences of task ``t``)."""
         K, T = self.num_topics, design.num_tasks
-        topics = self.generator_for(design).init(key, K)
+        topics = self.init_generators(key, design, K)
         dtype = design.counts.dtype
         sizes = jax.ops.segment_sum(design.counts, design.task, num_segments=T)
         gamma = 1.0 + jnp.broadcast_to(sizes[:, None] / K, (T, K))
