@@ -182,7 +182,8 @@ def hmm_part(args, rng: np.random.Generator) -> dict:
     probs = [random_simplex(rng, shape[1:]) for shape in shapes]  # the start (pi, A, B)
     start = HMMParams(*(jnp.log(p)[None] for p in probs))
     inputs = dict(params=start, tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths), weights=jnp.ones((N, 1)))
-    run = compile_and_run(jax.jit(generator.m_step), **inputs)
+    step = jax.jit(lambda params, tokens, lengths, weights: generator.m_step(params, tokens, lengths, weights))
+    run = compile_and_run(step, **inputs)
     seconds, one_step = median_time(lambda: run.compiled(**inputs), args.repeats)
     log_likelihoods = jax.jit(vem.topic_log_likelihoods, static_argnums=0)
     ours = {
