@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from mtl_jax import MixtureGLMM, TaskData, fit
+from mtl_jax.experiments.common import cast_floats
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm.em import effects_surrogate
 
@@ -86,3 +87,11 @@ def test_em_leaves_the_floor_when_the_data_want_a_mixing_variance():
     assert lam_free > 0.5
     np.testing.assert_allclose(lam_escaped, lam_free, rtol=1e-4)
     np.testing.assert_allclose(float(escaped.loglik), float(free.loglik), rtol=1e-9)
+
+
+def test_float32_fit_reaches_the_same_boundary():
+    """The boundary comparison holds in float32 (the surrogate is computed through Cholesky factors of Lambda)."""
+    design = cast_floats(MODEL.design(encode(mixture_frame(None))), jnp.float32)
+    result = em_fit(MODEL, design, jax.random.key(0), n_init=2, max_iter=400)
+    assert bool(result.converged) and result.params.mixing_cov.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(result.params.mixing_cov), MODEL.variance_floor, rtol=1e-6)

@@ -9,7 +9,9 @@ with the component labels as missing data:
 * Variance components by approximate REML, :math:`\Lambda = K^{-1}\sum_i(\hat a_i\hat a_i^T
   + H_{a_i a_i})`, :math:`\phi_{hk} = K^{-1}\sum_i(\hat b_{hik}^2 + H_{b_{hi}b_{hi},kk})`,
   with :math:`H` the inverse of the penalised information, and the residual covariances
-  :math:`\Sigma_h` (with the REML posterior-covariance correction).
+  :math:`\Sigma_h` (with the REML posterior-covariance correction). A mixing covariance
+  heading to 0 (where EM only creeps) jumps to its floor when the Laplace marginal of the
+  mixing effects prefers the boundary (:func:`boundary_aware_covariance`).
 
 Every bordered fixed/random system is solved by :func:`mtl_jax.linalg.bordered_solve`,
 which centres each task's rows before the fixed effects are coupled, so the updates keep
