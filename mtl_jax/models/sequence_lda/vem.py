@@ -94,13 +94,18 @@ def e_step(
     """
     alpha = jnp.exp(log_alpha)
 
+    # Psi is carried through the loop so that it is computed once per task: fused into the
+    # gather ``psi[task]``, XLA would evaluate the digammas once per row (5x slower on a CPU).
     def update(_, carry):
-        _, gamma = carry
-        log_phi = jax.nn.log_softmax(log_lik + expected_log_theta(gamma)[task], axis=-1)
+        _, gamma, psi = carry
+        log_phi = jax.nn.log_softmax(log_lik + psi[task], axis=-1)
         gamma = alpha + jax.ops.segment_sum(counts[:, None] * jnp.exp(log_phi), task, num_segments=gamma.shape[0])
-        return log_phi, gamma
+        return log_phi, gamma, expected_log_theta(gamma)
 
-    return jax.lax.fori_loop(0, iterations, update, (jnp.zeros_like(log_lik), gamma))
+    log_phi, gamma, _ = jax.lax.fori_loop(
+        0, iterations, update, (jnp.zeros_like(log_lik), gamma, expected_log_theta(gamma))
+    )
+    return log_phi, gamma
 
 
 def elbo_terms(
