@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from numpyro.infer.util import log_density
 from scipy.special import logsumexp
-from scipy.stats import dirichlet, norm
+from scipy.stats import dirichlet, invgamma, norm
 
 from mtl_jax import SequenceData, SequenceLDA, fit
 from mtl_jax.models.sequence_lda import SequenceLDAParams
-from mtl_jax.models.sequence_lda.generators import MarkovParams
+from mtl_jax.models.sequence_lda.generators import GaussianHMMParams, MarkovParams
 
 SEQUENCES = {"x": ["ab", "abb", "ab", "b"], "y": ["ba", "aab", "a"], "z": ["bbb", "ab"]}
 
@@ -52,6 +52,57 @@ def test_program_log_density_matches_independent_density(alpha_mode):
     assert float(got) == pytest.approx(expected, rel=1e-12)
 
 
+def _gaussian_frame(sequences):
+    """Long format (task, seq, pos, value) of ``{task: [list of floats]}``."""
+    import pandas as pd
+
+    rows = [(task, j, position, value) for task, task_sequences in sequences.items()
+            for j, sequence in enumerate(task_sequences) for position, value in enumerate(sequence)]
+    return pd.DataFrame(rows, columns=["task", "seq", "pos", "value"])
+
+
+def _gaussian_hmm_log_p(x, init, trans, mean, var):
+    """Independent reference: the sum over every hidden path of pi A N(x | mu, var) A_END."""
+    S = len(init)
+    total = 0.0
+    for path in itertools.product(range(S), repeat=len(x)):
+        p = init[path[0]] * norm.pdf(x[0], mean[path[0]], np.sqrt(var[path[0]]))
+        for u, v, value in zip(path[:-1], path[1:], x[1:]):
+            p *= trans[u, v] * norm.pdf(value, mean[v], np.sqrt(var[v]))
+        total += p * trans[path[-1], S]
+    return np.log(total)
+
+
+def test_gaussian_hmm_program_log_density_matches_independent_density():
+    sequences = {"x": [[0.3, -1.2, 0.8], [2.1]], "y": [[1.5, 1.7], [-0.4, 0.2, 0.1]], "z": [[0.9]]}
+    data = SequenceData.from_long(_gaussian_frame(sequences), task="task", sequence_id="seq", position="pos",
+                                  value="value")
+    a, m0, v0 = 0.3, 0.0, 1.0  # the emission prior's mean and variance are the generator's defaults
+    model = SequenceLDA(2, "gaussian-hmm", num_states=2, pseudo_count=a, alpha="asymmetric")
+    rng = np.random.default_rng(5)
+    K, S, T = 2, 2, 3
+    init, trans = rng.dirichlet(np.ones(S), K), rng.dirichlet(np.ones(S + 1), (K, S))
+    mean, var = rng.normal(size=(K, S)), rng.uniform(0.3, 2.0, (K, S))
+    theta, log_alpha = rng.dirichlet(np.ones(K), T), np.array([0.2, -0.3])
+    values = {"init": init, "trans": trans, "mean": mean, "var": var, "log_alpha": log_alpha, "theta": theta}
+    got, _ = log_density(model.numpyro_model, (model.design(data),), {},
+                         {name: jnp.asarray(value) for name, value in values.items()})
+
+    expected = sum(dirichlet.logpdf(init[k], np.full(S, 1 + a)) for k in range(K))
+    expected += sum(dirichlet.logpdf(trans[k, s], np.full(S + 1, 1 + a)) for k in range(K) for s in range(S))
+    expected += norm.logpdf(mean, m0, np.sqrt(v0 / a)).sum() + invgamma.logpdf(var, 1 + a, scale=a * v0).sum()
+    expected += norm.logpdf(log_alpha).sum()
+    expected += sum(dirichlet.logpdf(theta[t], np.exp(log_alpha)) for t in range(T))
+    for t, name in enumerate(data.task_names):
+        for x in sequences[name]:
+            expected += logsumexp([np.log(theta[t, k]) + _gaussian_hmm_log_p(x, init[k], trans[k], mean[k], var[k])
+                                   for k in range(K)])
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="pseudo_count > 0"):
+        log_density(SequenceLDA(2, "gaussian-hmm", num_states=2, pseudo_count=0.0).numpyro_model,
+                    (model.design(data),), {}, {name: jnp.asarray(value) for name, value in values.items()})
+
+
 def test_sites_round_trip_and_gamma_gives_theta():
     data = SequenceData.from_lists(SEQUENCES)
     model = SequenceLDA(2, "markov", alpha="symmetric")
@@ -62,9 +113,7 @@ def test_sites_round_trip_and_gamma_gives_theta():
     assert back.log_alpha.shape == (2, 2)
     np.testing.assert_allclose(back.topics.log_trans[1], params.topics.log_trans, atol=1e-12)
     np.testing.assert_allclose(back.log_alpha[0], params.log_alpha, atol=0)
-    assert SequenceLDA(2, "gaussian-hmm", num_states=2).methods == {"em"}
-    with pytest.raises(ValueError, match="discrete generators"):
-        SequenceLDA(2, "gaussian-hmm", num_states=2).param_sites()
+
 
 
 def test_every_topic_permutation_leaves_scores_unchanged_and_align_undoes_it():
@@ -131,3 +180,41 @@ def test_em_svi_and_nuts_transition_probabilities_agree(three_fits):
     for fitted in (svi, nuts):
         theta = np.asarray(fitted.params.gamma) / np.asarray(fitted.params.gamma).sum(-1, keepdims=True)
         assert theta.shape == (4, 2) and np.all(np.isfinite(fitted.score(data)))
+
+
+def _two_gaussian_topic_data():
+    """4 tasks x 12 real sequences: topic A's two states emit near -3 and -1, topic B's near 1 and 3."""
+    rng = np.random.default_rng(12)
+    means = np.array([[-3.0, -1.0], [1.0, 3.0]])
+    sequences = {}
+    for t, weight in enumerate([0.9, 0.7, 0.3, 0.1]):
+        task_sequences = []
+        for _ in range(12):
+            k = 0 if rng.uniform() < weight else 1
+            state, sequence = rng.integers(2), []
+            while True:
+                sequence.append(rng.normal(means[k, state], 0.4))
+                if rng.uniform() < 0.25 or len(sequence) == 8:
+                    break
+                state = state if rng.uniform() < 0.7 else 1 - state
+            task_sequences.append(sequence)
+        sequences[f"task{t}"] = task_sequences
+    return SequenceData.from_long(_gaussian_frame(sequences), task="task", sequence_id="seq", position="pos",
+                                  value="value")
+
+
+def test_gaussian_hmm_em_svi_and_nuts_agree():
+    data = _two_gaussian_topic_data()
+    model = SequenceLDA(2, "gaussian-hmm", num_states=2)
+    em = fit(model, data, "em", seed=0)
+    svi = fit(model, data, "svi", seed=1, num_steps=300, learning_rate=0.02, num_samples=100, init_params=em.params)
+    nuts = fit(model, data, "nuts", seed=2, num_warmup=150, num_samples=150, num_chains=2, init_params=em.params)
+    assert nuts.converged and nuts.diagnostics["num_divergences"] <= 3
+    draws = np.asarray(nuts.draws.topics.mean)  # [chains, draws, K, S]
+    mean, sd = draws.mean(axis=(0, 1)), draws.std(axis=(0, 1))
+    assert np.sort(mean.ravel()) == pytest.approx([-3.0, -1.0, 1.0, 3.0], abs=0.5)
+    for other in (em, svi):
+        aligned = model.align(jax.tree_util.tree_map(np.asarray, other.params), nuts.params)
+        gap = np.abs(np.asarray(aligned.topics.mean) - mean) / sd
+        assert gap.max() < 3.0, (other.method, gap)
+    assert np.all(np.isfinite(svi.score(data))) and np.all(np.isfinite(nuts.score(data)))

@@ -5,9 +5,8 @@ its sequences draws a topic :math:`z \sim \mathrm{Cat}(\theta_t)` and then the s
 from that topic's generator :math:`P_z` (:mod:`.generators`). Fitted by variational EM
 (:mod:`.vem`); the parameters keep the per-task variational Dirichlet parameters
 :math:`\gamma_t`, so known tasks are predicted with :math:`E_q[\theta_t]` and unseen tasks
-with the prior mean :math:`\alpha / \sum_k \alpha_k`. With discrete generators the model
-is also a NumPyro program (:meth:`SequenceLDA.numpyro_model`) for the generic SVI and NUTS
-backends.
+with the prior mean :math:`\alpha / \sum_k \alpha_k`. The model is also a NumPyro
+program (:meth:`SequenceLDA.numpyro_model`) for the generic SVI and NUTS backends.
 """
 
 from __future__ import annotations
@@ -29,12 +28,10 @@ from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.protocol import register
 from mtl_jax.models.sequence_lda import prediction, vem
 from mtl_jax.models.sequence_lda.base import SequenceModel, readable_fields
-from mtl_jax.models.sequence_lda.generators import CategoricalParams, HMMParams, MarkovParams
+from mtl_jax.models.sequence_lda.generators import GENERATORS
+from mtl_jax.models.sequence_lda.generators.common import from_sites, to_sites
 
 ALPHA_MODES = ("symmetric", "asymmetric")
-SIMPLEX_TOPICS = {"categorical": CategoricalParams, "markov": MarkovParams, "hmm": HMMParams}
-"""Parameter types of the discrete generators, whose fields are all log-probability rows
-(simplexes along the last axis); these generators have the ``svi`` and ``nuts`` backends."""
 
 
 class SequenceLDAParams(NamedTuple):
@@ -93,10 +90,7 @@ class SequenceLDA(SequenceModel):
         if self.inner_iterations < 1:
             raise ValueError(f"inner_iterations must be at least 1, got {self.inner_iterations}")
 
-    @property
-    def methods(self) -> frozenset:
-        """``em`` for every generator; ``svi`` and ``nuts`` too for the discrete ones (:data:`SIMPLEX_TOPICS`)."""
-        return frozenset({"em", "svi", "nuts"} if self.generator in SIMPLEX_TOPICS else {"em"})
+    methods: ClassVar[frozenset] = frozenset({"em", "svi", "nuts"})
 
     def _log_lik(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, "S K"]:
         return vem.topic_log_likelihoods(self.generator_for(design), params.topics, self.observed(design),
@@ -225,76 +219,63 @@ class SequenceLDA(SequenceModel):
         )
 
     # ------------------------------------------------------------- NumPyro
-    def _topic_sites(self) -> dict[str, str]:
-        """Sampled site of each topic field: ``log_trans -> "trans"`` (probabilities).
-
-        Raises:
-            ValueError: for the Gaussian HMM (SVI/NUTS are for the discrete generators only).
-        """
-        if self.generator not in SIMPLEX_TOPICS:
-            raise ValueError(f"SVI/NUTS are for the discrete generators {sorted(SIMPLEX_TOPICS)} only, "
-                             f"not {self.generator!r}; fit it with method='em'")
-        return {field: field.removeprefix("log_") for field in SIMPLEX_TOPICS[self.generator]._fields}
+    def _topic_sites(self) -> tuple[str, ...]:
+        """The topic fields' sites, named without ``log_`` (``log_trans -> "trans"``, ``log_var -> "var"``)."""
+        return tuple(field.removeprefix("log_") for field in GENERATORS[self.generator].params_type._fields)
 
     def numpyro_model(self, design: SequenceData) -> None:
         r"""The model as a NumPyro program, each sequence's topic summed out.
 
-        With ``a = pseudo_count``, ``T`` tasks, ``K`` topics and row ``n`` of task
-        :math:`t_n`, multiplicity :math:`c_n`:
+        With ``T`` tasks, ``K`` topics and row ``n`` of task :math:`t_n`, multiplicity
+        :math:`c_n`:
 
         .. math::
 
-            \text{every probability row } p \text{ of every topic} \sim \mathrm{Dir}(1 + a),\quad
+            \text{topics} \sim \text{the generator's priors},\quad
             \log\alpha_k \sim \mathcal N(0, 1),\quad
             \theta_t \sim \mathrm{Dir}(\alpha),
 
             \log p(x \mid \theta, P) = \sum_n c_n \log \sum_k \theta_{t_n k} P_k(x_n).
 
-        The row priors are those whose MAP the EM's M-step finds (the generators'
-        ``log_prior``). Symmetric ``alpha``: one shared :math:`\log\alpha \sim \mathcal N(0, 1)`
-        (a scalar site). Padding rows (length 0) contribute 0.
+        The topic priors are the generator's ``field_prior``: every probability row
+        ``Dirichlet(1 + a)`` (``a = pseudo_count``), the prior whose MAP the EM's M-step
+        finds; the Gaussian HMM's means and variances have the proper priors of
+        :mod:`.generators.gaussian_hmm`. Symmetric ``alpha``: one shared
+        :math:`\log\alpha \sim \mathcal N(0, 1)` (a scalar site). Padding rows (length 0)
+        contribute 0.
 
-        Sites: one simplex-valued site per topic field named without ``log_``
-        (``init [K, V]``, ``trans [K, V, W]``, ``beta [K, V]``, ``emit [K, S, V]``),
-        ``log_alpha`` (``[]`` symmetric, ``[K]`` asymmetric), ``theta [T, K]`` under
-        ``plate("tasks", T)``, the factor ``sequences``, and the deterministic
-        ``gamma [T, K]`` :math:`= \theta_t (\sum_k \alpha_k + n_t)` (``n_t`` the task's
-        sequences; see :meth:`from_sites`).
-
-        Raises:
-            ValueError: for the Gaussian HMM.
+        Sites: one site per topic field named without ``log_`` and valued on the natural
+        scale (``init [K, V]``, ``trans [K, V, W]``, ``beta [K, V]``, ``emit [K, S, V]``,
+        ``mean [K, S]``, ``var [K, S]``), ``log_alpha`` (``[]`` symmetric, ``[K]``
+        asymmetric), ``theta [T, K]`` under ``plate("tasks", T)``, the factor ``sequences``,
+        and the deterministic ``gamma [T, K]`` :math:`= \theta_t (\sum_k \alpha_k + n_t)`
+        (``n_t`` the task's sequences; see :meth:`from_sites`).
         """
-        sites = self._topic_sites()
         generator = self.generator_for(design)
         K, T, dtype = self.num_topics, design.num_tasks, design.counts.dtype
-        shapes = jax.eval_shape(lambda key: generator.init(key, K), jax.random.key(0))
-        rows = 1.0 + self.pseudo_count
-        topics = SIMPLEX_TOPICS[self.generator](**{
-            field: jnp.log(numpyro.sample(site, dist.Dirichlet(jnp.full(getattr(shapes, field).shape, rows, dtype))
-                                          .to_event(getattr(shapes, field).ndim - 1)))
-            for field, site in sites.items()})
+        topics = generator.sample_topics(K, dtype)
         alpha_shape = () if self.alpha == "symmetric" else (K,)
         log_alpha = numpyro.sample("log_alpha", dist.Normal(jnp.zeros(alpha_shape, dtype), 1.0).to_event(len(alpha_shape)))
         alpha = jnp.exp(jnp.broadcast_to(log_alpha, (K,)))
         with numpyro.plate("tasks", T):
             theta = numpyro.sample("theta", dist.Dirichlet(alpha))
-        log_lik = vem.topic_log_likelihoods(generator, topics, design.tokens, design.lengths)
+        log_lik = vem.topic_log_likelihoods(generator, topics, self.observed(design), design.lengths)
         mixture = logsumexp(jnp.log(theta)[design.task] + log_lik, axis=-1)
         numpyro.factor("sequences", jnp.sum(jnp.where(design.lengths > 0, design.counts * mixture, 0.0)))
         sizes = jax.ops.segment_sum(design.counts, design.task, num_segments=T)
         numpyro.deterministic("gamma", theta * (jnp.sum(alpha) + sizes)[:, None])
 
     def site_values(self, params: SequenceLDAParams) -> dict[str, Array]:
-        r"""The sampled sites of :meth:`numpyro_model` at ``params``: probabilities,
-        ``log_alpha`` (its first entry when symmetric) and :math:`\theta_t = \gamma_t / \sum_k \gamma_{tk}`."""
-        values = {site: jnp.exp(getattr(params.topics, field)) for field, site in self._topic_sites().items()}
+        r"""The sampled sites of :meth:`numpyro_model` at ``params``: the topics on the natural
+        scale, ``log_alpha`` (its first entry when symmetric) and :math:`\theta_t = \gamma_t / \sum_k \gamma_{tk}`."""
+        values = to_sites(params.topics)
         values["log_alpha"] = params.log_alpha[0] if self.alpha == "symmetric" else params.log_alpha
         values["theta"] = params.gamma / jnp.sum(params.gamma, axis=-1, keepdims=True)
         return values
 
     def param_sites(self) -> tuple[str, ...]:
         """The program's sites that :meth:`from_sites` reads: the topic sites, ``log_alpha``, ``gamma``."""
-        return (*self._topic_sites().values(), "log_alpha", "gamma")
+        return (*self._topic_sites(), "log_alpha", "gamma")
 
     def from_sites(self, samples: dict[str, Array]) -> SequenceLDAParams:
         r"""Parameters from samples of :meth:`param_sites` (any leading axes).
@@ -304,8 +285,7 @@ class SequenceLDA(SequenceModel):
         :math:`\theta_t` (what known tasks are predicted with) while keeping the size of the
         EM's :math:`\gamma` (prior plus counts, the start of :meth:`score`'s E-step).
         """
-        topics = SIMPLEX_TOPICS[self.generator](**{
-            field: jnp.log(samples[site]) for field, site in self._topic_sites().items()})
+        topics = from_sites(GENERATORS[self.generator].params_type, samples)
         log_alpha = jnp.asarray(samples["log_alpha"])
         if self.alpha == "symmetric":
             log_alpha = jnp.broadcast_to(log_alpha[..., None], log_alpha.shape + (self.num_topics,))

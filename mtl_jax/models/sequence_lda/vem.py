@@ -28,6 +28,7 @@ Dirichlet (MAP) log prior through the generator's ``m_step`` (eq. 12 with genera
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -71,8 +72,13 @@ def log_dirichlet_normalizer(concentration: Float[Array, "... K"]) -> Float[Arra
     return gammaln(jnp.sum(concentration, axis=-1)) - jnp.sum(gammaln(concentration), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def topic_log_likelihoods(generator, topics, observations: Array, lengths: Int[Array, " S"]) -> Float[Array, "S K"]:
-    r""":math:`\log P_k(x_n)` of every row under every topic (``vmap`` over rows and topics)."""
+    r""":math:`\log P_k(x_n)` of every row under every topic (``vmap`` over rows and topics).
+
+    Jitted (``generator`` static) so that a NumPyro program run eagerly, as SVI's and
+    NUTS's initialisation do, compiles it once instead of each of its vmapped primitives.
+    """
     per_topic = jax.vmap(generator.log_prob, in_axes=(0, None, None))
     return jax.vmap(per_topic, in_axes=(None, 0, 0))(topics, observations, lengths)
 

@@ -18,9 +18,13 @@ NamedTuple of log-probabilities with a leading topic axis ``[K, ...]``:
     Discrete generators: next-outcome log-distribution (``V`` symbols, then HALT) after
     each prefix.
 
+``sample_topics(num_topics, dtype) -> params`` (:class:`.common.TopicPriors`)
+    The topics as NumPyro sample sites (one per field, named without ``log_``) under
+    their priors (``field_prior``), for the SVI and NUTS backends.
+
 ``observations`` (class attribute) names the :class:`mtl_jax.data.SequenceData` array
-a generator reads: ``"tokens"`` or ``"values"``; ``num_parameters`` counts the free
-parameters of one topic.
+a generator reads: ``"tokens"`` or ``"values"``, ``params_type`` its parameter NamedTuple;
+``num_parameters`` counts the free parameters of one topic.
 """
 
 from mtl_jax.models.sequence_lda.generators.categorical import Categorical, CategoricalParams

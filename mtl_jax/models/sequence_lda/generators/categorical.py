@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import (
+    TopicPriors,
     log_dirichlet,
     log_normalize,
     weighted_counts,
@@ -26,7 +27,7 @@ class CategoricalParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Categorical:
+class Categorical(TopicPriors):
     """A categorical distribution over ``num_symbols`` symbols per topic.
 
     Attributes:
@@ -37,6 +38,7 @@ class Categorical:
     num_symbols: int
     pseudo_count: float = 0.01
     observations: ClassVar[str] = "tokens"
+    params_type: ClassVar[type] = CategoricalParams
 
     @property
     def num_parameters(self) -> int:

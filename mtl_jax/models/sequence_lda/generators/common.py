@@ -1,9 +1,13 @@
-r"""Helpers shared by the generators: Dirichlet starts, normalisation, weighted counts."""
+r"""Helpers shared by the generators: Dirichlet starts, normalisation, weighted counts, NumPyro priors."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 
@@ -41,3 +45,48 @@ def weighted_counts(
     """
     data = jnp.where(mask[..., None], weights[:, None, :], 0.0).reshape(-1, weights.shape[-1])
     return jax.ops.segment_sum(data, index.reshape(-1), num_segments=num_outcomes).T
+
+
+def to_sites(params) -> dict[str, Array]:
+    """A generator's fields as NumPyro site values: named without ``log_``, ``log_`` fields exponentiated.
+
+    ``log_trans -> trans`` (probabilities), ``log_var -> var`` (variances), ``mean`` as is
+    (any leading axes kept).
+    """
+    return {field.removeprefix("log_"): jnp.exp(value) if field.startswith("log_") else jnp.asarray(value)
+            for field, value in params._asdict().items()}
+
+
+def from_sites(params_type: type, samples: dict[str, Array]):
+    """The inverse of :func:`to_sites`: ``params_type`` from the site values in ``samples``."""
+    return params_type(**{
+        field: jnp.log(samples[field.removeprefix("log_")]) if field.startswith("log_")
+        else jnp.asarray(samples[field])
+        for field in params_type._fields
+    })
+
+
+class TopicPriors:
+    r"""The topics as NumPyro sample sites, with their priors (mixin of the generators).
+
+    The generator (a frozen dataclass with a ``pseudo_count`` field ``a``) names its
+    parameter NamedTuple in ``params_type``. Each field is one site, named and valued as in
+    :func:`to_sites`. By default every field is a set of probability rows with the
+    ``Dirichlet(1 + a)`` prior whose MAP the M-step finds; a generator with other fields
+    overrides :meth:`field_prior` for them.
+    """
+
+    pseudo_count: float
+    params_type: ClassVar[type]
+
+    def field_prior(self, field: str, shape: tuple[int, ...], dtype) -> dist.Distribution:
+        """The prior of one field's site value of shape ``shape`` (``[K, ..., n]``): ``Dirichlet(1 + a)`` rows."""
+        return dist.Dirichlet(jnp.full(shape, 1.0 + self.pseudo_count, dtype)).to_event(len(shape) - 1)
+
+    def sample_topics(self, num_topics: int, dtype):
+        """Sample every field's site (NumPyro statements); returns the topics ``params_type``."""
+        shapes = jax.eval_shape(lambda key: self.init(key, num_topics), jax.random.key(0))
+        samples = {field.removeprefix("log_"): numpyro.sample(field.removeprefix("log_"),
+                                                              self.field_prior(field, getattr(shapes, field).shape, dtype))
+                   for field in self.params_type._fields}
+        return from_sites(self.params_type, samples)

@@ -14,6 +14,11 @@ variance above ``a v_0 / (N_s + a)``:
 
 .. math:: \mu_s = \frac{\sum \gamma x + a m_0}{N_s + a}, \qquad
           \sigma^2_s = \frac{\sum \gamma (x - \mu_s)^2 + a (\mu_s - m_0)^2 + a v_0}{N_s + a}.
+
+That prior is improper (it only regularises the MAP). The NumPyro program (SVI, NUTS)
+needs a proper one and uses independent weak priors of the same scale,
+:math:`\mu_s \sim N(m_0, v_0 / a)` and :math:`\sigma^2_s \sim \mathrm{InvGamma}(1 + a, a v_0)`
+(:meth:`GaussianHMM.field_prior`), with ``Dirichlet(1 + a)`` rows for the state process.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jaxtyping import Array, Float, PRNGKeyArray
-from numpyro.distributions import Normal
 
 from mtl_jax.models.sequence_lda.generators.states import HiddenStates
 
@@ -62,7 +67,7 @@ class GaussianHMM(HiddenStates):
     prior_mean: float = 0.0
     prior_variance: float = 1.0
     observations: ClassVar[str] = "values"
-    _params: ClassVar[type] = GaussianHMMParams
+    params_type: ClassVar[type] = GaussianHMMParams
 
     # The emission statistics are the occupancies themselves.
     expected_counts = HiddenStates.state_counts
@@ -87,7 +92,22 @@ class GaussianHMM(HiddenStates):
         self, params: GaussianHMMParams, values: Float[Array, " L"]
     ) -> Float[Array, "L S"]:
         """Log emission densities of every position under every state."""
-        return Normal(params.mean, jnp.exp(0.5 * params.log_var)).log_prob(values[:, None])
+        return dist.Normal(params.mean, jnp.exp(0.5 * params.log_var)).log_prob(values[:, None])
+
+    def field_prior(self, field: str, shape: tuple[int, ...], dtype) -> dist.Distribution:
+        r"""NumPyro priors: :math:`\mu \sim N(m_0, v_0 / a)`, :math:`\sigma^2 \sim \mathrm{InvGamma}(1 + a, a v_0)`, Dirichlet rows.
+
+        Raises:
+            ValueError: when ``pseudo_count`` is 0 (both would be improper).
+        """
+        if field not in ("mean", "log_var"):
+            return super().field_prior(field, shape, dtype)
+        a, v0 = self.pseudo_count, self.prior_variance
+        if a <= 0:
+            raise ValueError("SVI/NUTS with gaussian-hmm topics need pseudo_count > 0 (the scale of the emission priors)")
+        if field == "mean":
+            return dist.Normal(jnp.full(shape, self.prior_mean, dtype), jnp.sqrt(v0 / a)).to_event(len(shape))
+        return dist.InverseGamma(jnp.full(shape, 1.0 + a, dtype), a * v0).to_event(len(shape))
 
     def _emission_log_prior(self, params: GaussianHMMParams) -> Float[Array, ""]:
         r"""The log of the emission prior (module docstring) over ``a``, up to a constant.

@@ -61,7 +61,7 @@ class HMM(HiddenStates):
     halting: bool = True
     pseudo_count: float = 0.01
     observations: ClassVar[str] = "tokens"
-    _params: ClassVar[type] = HMMParams
+    params_type: ClassVar[type] = HMMParams
 
     @property
     def _emission_parameters(self) -> int:

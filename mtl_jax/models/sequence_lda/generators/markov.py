@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import (
+    TopicPriors,
     log_dirichlet,
     log_normalize,
     weighted_counts,
@@ -38,7 +39,7 @@ class MarkovParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Markov:
+class Markov(TopicPriors):
     """A first-order Markov chain over ``num_symbols`` symbols per topic.
 
     Attributes:
@@ -52,6 +53,7 @@ class Markov:
     halting: bool = True
     pseudo_count: float = 0.01
     observations: ClassVar[str] = "tokens"
+    params_type: ClassVar[type] = MarkovParams
 
     @property
     def width(self) -> int:

@@ -38,7 +38,7 @@ from jax import lax
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
-from mtl_jax.models.sequence_lda.generators.common import log_dirichlet, log_normalize
+from mtl_jax.models.sequence_lda.generators.common import TopicPriors, log_dirichlet, log_normalize
 
 
 def forward(
@@ -109,11 +109,11 @@ def next_outcome_log_probs(
     )
 
 
-class HiddenStates:
+class HiddenStates(TopicPriors):
     r"""The state process of an HMM topic; a subclass (a frozen dataclass) adds its emissions.
 
     The subclass declares the fields ``num_states`` (``S``), ``halting`` and
-    ``pseudo_count`` (``a``), a parameter NamedTuple ``_params`` whose first two fields
+    ``pseudo_count`` (``a``), a parameter NamedTuple ``params_type`` whose first two fields
     are ``log_init [K, S]`` and ``log_trans [K, S, W]`` and whose others are the
     emission parameters, and the emission model:
 
@@ -135,7 +135,7 @@ class HiddenStates:
     num_states: int
     halting: bool
     pseudo_count: float
-    _params: ClassVar[Any]
+    params_type: ClassVar[Any]
 
     @property
     def width(self) -> int:
@@ -152,7 +152,7 @@ class HiddenStates:
         """Flat-Dirichlet random initial and transition rows; emissions by ``_init_emissions``."""
         keys = jax.random.split(key, 3)
         K, S = num_topics, self.num_states
-        return self._params(
+        return self.params_type(
             log_dirichlet(keys[0], (K, S)),
             log_dirichlet(keys[1], (K, S, self.width)),
             *self._init_emissions(keys[2], K),
@@ -213,6 +213,6 @@ class HiddenStates:
         """
         init, trans, occupancy = self.state_counts(params, x, lengths, weights)
         a = self.pseudo_count
-        return self._params(
+        return self.params_type(
             log_normalize(init, a), log_normalize(trans, a), *self._emission_m_step(x, occupancy)
         )
