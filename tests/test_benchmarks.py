@@ -73,7 +73,7 @@ def test_scaling_script(tmp_path):
 def test_float32_grid_script(tmp_path):
     path = tmp_path / "float32_grid.json"
     # The hard cell only (g = 1 in float32 is tested in test_fit_api.py): ratio n_i phi / sigma^2 = 1e4.
-    load("float32_grid").main(["--components", "2", "--num-tasks", "10", "--ratios", "1e4",
+    load("float32_grid").main(["--components", "2", "--num-tasks", "5", "--ratios", "1e4",
                                "--n-per-task", "50", "--max-iter", "1000", "--json", str(path)])
     results = json.loads(path.read_text())
     assert results["config"]["same_start"] is True

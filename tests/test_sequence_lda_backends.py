@@ -207,7 +207,7 @@ def test_gaussian_hmm_em_svi_and_nuts_agree():
     data = _two_gaussian_topic_data()
     model = SequenceLDA(2, "gaussian-hmm", num_states=2)
     em = fit(model, data, "em", seed=0)
-    svi = fit(model, data, "svi", seed=1, num_steps=300, learning_rate=0.02, num_samples=100, init_params=em.params)
+    svi = fit(model, data, "svi", seed=1, num_steps=200, learning_rate=0.02, num_samples=50, init_params=em.params)
     nuts = fit(model, data, "nuts", seed=2, num_warmup=150, num_samples=150, num_chains=2, init_params=em.params)
     assert nuts.converged and nuts.diagnostics["num_divergences"] <= 3
     draws = np.asarray(nuts.draws.topics.mean)  # [chains, draws, K, S]
