@@ -13,8 +13,8 @@ def test_from_lists_hand_encoding_and_dedup_counts():
     data = SequenceData.from_lists({"A": ["abc", "b", "abc"], "B": ["ca", "abc"]})
     assert data.alphabet == ("a", "b", "c")
     assert data.task_names == ("A", "B")
-    assert data.tokens.shape == (8, 8) and data.tokens.dtype == np.int32
-    expected = np.zeros((8, 8), dtype=np.int32)
+    assert data.tokens.shape == (8, 4) and data.tokens.dtype == np.int32
+    expected = np.zeros((8, 4), dtype=np.int32)
     expected[0, :3] = [0, 1, 2]
     expected[1, :1] = [1]
     expected[2, :2] = [2, 0]
@@ -51,7 +51,7 @@ def test_row_buckets(n, rows):
     assert rows - n < max(8, n / 8 + 1)
 
 
-@pytest.mark.parametrize(("n", "length"), [(1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (300, 512)])
+@pytest.mark.parametrize(("n", "length"), [(1, 1), (2, 2), (3, 4), (8, 8), (9, 16), (16, 16), (17, 32), (300, 512)])
 def test_length_buckets(n, length):
     assert bucket_length(n) == length
 
@@ -161,7 +161,7 @@ def test_long_format_orders_by_position():
     data = SequenceData.from_long(_long_frame(), task="task", sequence_id="seq", position="pos",
                                   value="value")
     assert data.tokens is None and data.alphabet is None
-    assert data.values.shape == (8, 8) and data.task_names == ("x", "y")
+    assert data.values.shape == (8, 4) and data.task_names == ("x", "y")
     np.testing.assert_allclose(data.values[0, :3], [0.1, 0.2, 0.3])
     np.testing.assert_allclose(data.values[1, :1], [-1.0])
     np.testing.assert_allclose(data.values[2, :2], [4.0, 5.0])

@@ -19,7 +19,7 @@ Encoding rules:
 * Identical sequences of the same task are stored once with their multiplicity in
   ``counts`` (``deduplicate=True``, the default); rows keep the order of first appearance.
 * Bucketing, so that fits of different data sizes reuse compiled code: ``L`` is the
-  maximum length rounded up to a power of two (at least 8), and ``S`` is the number of
+  maximum length rounded up to a power of two, and ``S`` is the number of
   distinct sequences rounded up to a multiple of ``max(8, 2**(b - 4))`` where ``b`` is its
   bit length (at most 1/8 padding, about eight row buckets per doubling). Padding rows
   have ``lengths == 0``, ``counts == 0`` and task 0, so any count-weighted sum ignores them.
@@ -47,8 +47,11 @@ Tokenizer = Literal["chars", "whitespace"]
 
 
 def bucket_length(n: int) -> int:
-    """The padded length of sequences of maximum length ``n``: a power of two, at least 8."""
-    return max(8, 1 << max(0, n - 1).bit_length())
+    """The padded length of sequences of maximum length ``n``: the next power of two.
+
+    Single-token rows (plain LDA's word counts) stay at length 1.
+    """
+    return 1 << max(0, n - 1).bit_length()
 
 
 def bucket_rows(n: int) -> int:
