@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the study, write ``--json``; return the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--components", type=int, nargs="+", default=DEFAULT_CONFIG["components"], metavar="G")
+    parser.add_argument("--models", nargs="+", choices=("independence", "mtl"), default=DEFAULT_CONFIG["models"],
+                        help="which models to fit (default both)")
     parser.add_argument("--replicates", type=int, default=DEFAULT_CONFIG["replicates"])
     parser.add_argument("--num-tasks", type=int, default=DEFAULT_CONFIG["num_tasks"])
     parser.add_argument("--n-per-task", type=int, default=DEFAULT_CONFIG["n_per_task"])
@@ -36,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = run_simulation_study(
         {
             "components": args.components,
+            "models": args.models,
             "replicates": args.replicates,
             "num_tasks": args.num_tasks,
             "n_per_task": args.n_per_task,

@@ -68,3 +68,13 @@ def test_registry_dispatches_and_rejects_unknown_names():
         run_experiment({"components": [2]})
     with pytest.raises(ValueError, match="unknown simulation_study settings"):
         run_experiment({**TINY, "replicate": 3})
+
+
+def test_models_setting_fits_only_the_named_models(tiny_study):
+    # The same data and keys as the tiny study, so the MTL fit alone reproduces its numbers.
+    alone = run_experiment({**TINY, "models": ["mtl"]}, progress=False)
+    assert set(alone["results"]["2"]) == {"mtl", "oracle"}
+    assert (alone["results"]["2"]["mtl"]["per_replicate"]["explained_variance"]
+            == tiny_study["results"]["2"]["mtl"]["per_replicate"]["explained_variance"])
+    with pytest.raises(ValueError, match="unknown model 'glmm'"):
+        run_experiment({**TINY, "models": ["glmm"]}, progress=False)

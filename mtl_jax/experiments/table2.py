@@ -74,6 +74,7 @@ PAPER_TABLE2 = {
 DEFAULT_CONFIG = {
     "experiment": "simulation_study",
     "components": [2, 4, 8],
+    "models": ["independence", "mtl"],
     "replicates": 10,
     "seed": 0,
     "num_tasks": 10,
@@ -118,7 +119,7 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
 
     Args:
         config: overrides of :data:`DEFAULT_CONFIG`: ``components`` (list of ``g``),
-            ``replicates`` (``R``), ``seed``, ``num_tasks`` (``K``), ``n_per_task``,
+            ``models`` (which of :func:`study_models` to fit), ``replicates`` (``R``), ``seed``, ``num_tasks`` (``K``), ``n_per_task``,
             EM settings ``n_init``, ``max_iter``, ``tol``, and ``dtype`` (``None`` for
             JAX's default float, ``"float32"`` or ``"float64"``).
         progress: print one line per fitted model and the final table.
@@ -153,7 +154,11 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
         studies = cast_floats(studies, dtype)
         fit_keys = jax.random.split(fit_key, num_replicates)
         by_model = {}
-        for name, model in study_models(g).items():
+        models = study_models(g)
+        for name in config["models"]:
+            if name not in models:
+                raise ValueError(f"unknown model {name!r} in models; choose from {sorted(models)}")
+            model = models[name]
             fits, timing = _timed_fit(model, studies.train, fit_keys, config)
             by_model[name] = {**_score(model, fits, studies), **timing}
             if progress:
