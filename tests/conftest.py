@@ -33,15 +33,3 @@ def _release_compiled_code():
     jax.clear_caches()
     gc.collect()
 
-
-#: Test files that take minutes, started first so that the two xdist workers (``--dist
-#: loadfile`` hands out whole files in collection order) do not end on them.
-SLOW_FIRST = ("test_notebooks.py", "test_sequence_lda_backends.py", "test_benchmarks.py", "test_svi_nuts.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
-
-    items.sort(key=rank)  # stable: the order within each file is kept

@@ -119,7 +119,8 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
 
     Args:
         config: overrides of :data:`DEFAULT_CONFIG`: ``components`` (list of ``g``),
-            ``models`` (which of :func:`study_models` to fit), ``replicates`` (``R``), ``seed``, ``num_tasks`` (``K``), ``n_per_task``,
+            ``models`` (which of :func:`study_models` to fit), ``replicates`` (``R``),
+            ``seed``, ``num_tasks`` (``K``), ``n_per_task``,
             EM settings ``n_init``, ``max_iter``, ``tol``, and ``dtype`` (``None`` for
             JAX's default float, ``"float32"`` or ``"float64"``).
         progress: print one line per fitted model and the final table.

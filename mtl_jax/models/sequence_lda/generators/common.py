@@ -86,7 +86,8 @@ class TopicPriors:
     def sample_topics(self, num_topics: int, dtype):
         """Sample every field's site (NumPyro statements); returns the topics ``params_type``."""
         shapes = jax.eval_shape(lambda key: self.init(key, num_topics), jax.random.key(0))
-        samples = {field.removeprefix("log_"): numpyro.sample(field.removeprefix("log_"),
-                                                              self.field_prior(field, getattr(shapes, field).shape, dtype))
-                   for field in self.params_type._fields}
+        samples = {}
+        for field in self.params_type._fields:
+            site = field.removeprefix("log_")
+            samples[site] = numpyro.sample(site, self.field_prior(field, getattr(shapes, field).shape, dtype))
         return from_sites(self.params_type, samples)
