@@ -92,7 +92,10 @@ All per-task work is a ``[K, ...]`` stack of small blocks (segment sums over the
 batched small Cholesky factorisations); no ``K x K`` or dense ``(m + K r)`` matrix is ever
 formed. Cost :math:`O(n (m^2 + r^2) d^2 + K (m r^2 + r^3) + m^3)` per pass over the rows.
 Everything is pure ``jax.numpy``: jittable (``num_tasks`` static) and vmappable, in float32
-and float64.
+and float64. :func:`kron_bordered_solve` solves the same system for the common structure
+:math:`A_j = x_j\otimes I_d`, :math:`B_j = I_d` (shared covariates, random intercepts) in
+:math:`O(n q^2 d^2)`. The small factorisations (:func:`cholesky`, :func:`solve_triangular`)
+are loops of vector operations rather than LAPACK calls (see :func:`cholesky` for why).
 """
 
 from __future__ import annotations
@@ -106,8 +109,11 @@ from jaxtyping import Array, Bool, Float, Int
 __all__ = [
     "BorderedSolution",
     "bordered_solve",
+    "cho_solve",
+    "cholesky",
     "diag_embed",
     "is_positive_definite",
+    "kron_bordered_solve",
     "kron_rows",
     "psd_cholesky",
     "psd_inverse",
@@ -115,6 +121,7 @@ __all__ = [
     "psd_solve",
     "row_covariance",
     "segment_sum",
+    "solve_triangular",
 ]
 
 # ``c`` in the Cholesky jitter ``c * eps(dtype) * M_kk`` (see psd_cholesky)
@@ -195,25 +202,88 @@ def psd_cholesky(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k
     diag = jnp.abs(jnp.diagonal(matrix, axis1=-2, axis2=-1))
     mean_diag = jnp.mean(diag, axis=-1, keepdims=True)
     jitter = _JITTER_SCALE * eps * (diag + eps * mean_diag)
-    return jnp.linalg.cholesky(matrix + diag_embed(jitter))
+    return cholesky(matrix + diag_embed(jitter))
 
 
-def _cho_solve(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k j"]) -> Float[Array, "*b k j"]:
-    """Solves ``L L^T X = rhs`` by two triangular solves (leading axes broadcast)."""
+def cholesky(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
+    r"""Lower Cholesky factor :math:`L L^T = M` of small, batched matrices, in plain ``jax.numpy``.
+
+    Column by column (:math:`L_{jj} = (M_{jj} - \sum_{p<j} L_{jp}^2)^{1/2}`,
+    :math:`L_{ij} = (M_{ij} - \sum_{p<j} L_{ip}L_{jp}) / L_{jj}`), vectorised over the
+    leading axes. Why not ``jnp.linalg.cholesky``: on the CPU, jaxlib 0.10's batched LAPACK
+    kernels split a batch over the XLA thread pool and wait for it, so two of them running
+    at once (independent parts of one program, e.g. an EM step vmapped over restarts and
+    replicates) can occupy every pool thread and wait forever. These matrices are tiny
+    (random-effect and fixed-effect blocks) and batched over tasks, restarts and
+    replicates, where a loop of vector operations also beats one LAPACK call per matrix.
+
+    Args:
+        matrix: symmetric ``[..., k, k]``; only the lower triangle is read.
+
+    Returns:
+        ``L [..., k, k]``, lower triangular; NaN from the first column where the matrix is
+        not positive definite (as LAPACK's failure is reported by ``jnp.linalg.cholesky``).
+    """
+    matrix = _as_float(matrix)
+    k = matrix.shape[-1]
+    rows = jnp.arange(k)
+
+    def column(j, chol):
+        row_j = jax.lax.dynamic_index_in_dim(chol, j, axis=-2, keepdims=False)  # L[j, :], zero from j on
+        column_j = jax.lax.dynamic_index_in_dim(matrix, j, axis=-1, keepdims=False)
+        rest = column_j - jnp.einsum("...ip,...p->...i", chol, row_j)
+        pivot = jnp.sqrt(jax.lax.dynamic_index_in_dim(rest, j, axis=-1, keepdims=True))
+        values = jnp.where(rows == j, pivot, rest / pivot)
+        values = jnp.where(rows >= j, values, 0.0)
+        return jax.lax.dynamic_update_index_in_dim(chol, values[..., :, None], j, axis=-1)
+
+    return jax.lax.fori_loop(0, k, column, jnp.zeros_like(matrix))
+
+
+def solve_triangular(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k j"], *, transpose: bool = False):
+    r"""Solves :math:`L X = B` (or :math:`L^T X = B`) for lower-triangular ``L``, in plain ``jax.numpy``.
+
+    Substitution row by row, vectorised over the leading axes and the columns of ``B``
+    (see :func:`cholesky` for why not LAPACK's batched kernel).
+
+    Args:
+        chol: lower-triangular ``[..., k, k]``.
+        rhs: ``[..., k, j]``; leading axes broadcast against ``chol``'s.
+        transpose: solve with :math:`L^T` (back substitution) instead.
+
+    Returns:
+        ``X [..., k, j]``.
+    """
     batch = jnp.broadcast_shapes(chol.shape[:-2], rhs.shape[:-2])
     chol = jnp.broadcast_to(chol, batch + chol.shape[-2:])
     rhs = jnp.broadcast_to(rhs, batch + rhs.shape[-2:]).astype(chol.dtype)
-    half = jax.lax.linalg.triangular_solve(chol, rhs, left_side=True, lower=True)
-    return jax.lax.linalg.triangular_solve(chol, half, left_side=True, lower=True, transpose_a=True)
+    k = chol.shape[-1]
+    if transpose:
+        chol = jnp.swapaxes(chol, -1, -2)  # upper triangular: solve from the last row up
+
+    def row(step, solution):
+        i = k - 1 - step if transpose else step
+        chol_i = jax.lax.dynamic_index_in_dim(chol, i, axis=-2, keepdims=False)  # [..., k]
+        known = jnp.einsum("...p,...pj->...j", chol_i, solution)  # unsolved rows are still zero
+        rhs_i = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False)
+        pivot = jax.lax.dynamic_index_in_dim(chol_i, i, axis=-1, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(solution, ((rhs_i - known) / pivot)[..., None, :], i, axis=-2)
+
+    return jax.lax.fori_loop(0, k, row, jnp.zeros_like(rhs))
+
+
+def cho_solve(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k j"]) -> Float[Array, "*b k j"]:
+    """Solves ``L L^T X = rhs`` by two triangular solves (leading axes broadcast)."""
+    return solve_triangular(chol, solve_triangular(chol, rhs), transpose=True)
 
 
 def _cho_solve_vec(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k"]) -> Float[Array, "*b k"]:
-    return _cho_solve(chol, rhs[..., None])[..., 0]
+    return cho_solve(chol, rhs[..., None])[..., 0]
 
 
 def _cho_inverse(chol: Float[Array, "*b k k"]) -> Float[Array, "*b k k"]:
     eye = jnp.eye(chol.shape[-1], dtype=chol.dtype)
-    return _symmetrise(_cho_solve(chol, jnp.broadcast_to(eye, chol.shape)))
+    return _symmetrise(cho_solve(chol, jnp.broadcast_to(eye, chol.shape)))
 
 
 def psd_inverse(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
@@ -245,7 +315,7 @@ def psd_solve(matrix: Float[Array, "*batch k k"], rhs: Array) -> Array:
     chol = psd_cholesky(matrix)
     if rhs.ndim == matrix.ndim - 1:
         return _cho_solve_vec(chol, rhs)
-    return _cho_solve(chol, rhs)
+    return cho_solve(chol, rhs)
 
 
 def _factor_ok(chol: Float[Array, "*batch k k"]) -> Bool[Array, "*batch"]:
@@ -411,12 +481,12 @@ def bordered_solve(
         chol_D = psd_cholesky(_symmetrise(D))
         random_prec_inv = _cho_inverse(chol_D)
         # centre^T = D^{-1} C^T, polished once against the un-jittered D (see module doc)
-        centre_t = _cho_solve(chol_D, jnp.swapaxes(C, -1, -2))  # [K, r, m]
+        centre_t = cho_solve(chol_D, jnp.swapaxes(C, -1, -2))  # [K, r, m]
         defect = jnp.swapaxes(C, -1, -2) - jnp.einsum("irs,ism->irm", D, centre_t)
-        centre = jnp.swapaxes(centre_t + _cho_solve(chol_D, defect), -1, -2)  # [K, m, r]
+        centre = jnp.swapaxes(centre_t + cho_solve(chol_D, defect), -1, -2)  # [K, m, r]
         centred = A - jnp.einsum("nmr,nrd->nmd", centre[task], B)
     else:
-        random_prec_inv = jnp.zeros((K, 0, 0), dtype)
+        chol_D = random_prec_inv = jnp.zeros((K, 0, 0), dtype)
         centre = jnp.zeros((K, m, 0), dtype)
         centred = A
 
@@ -429,27 +499,159 @@ def bordered_solve(
     chol_P = psd_cholesky(_symmetrise(info))
     fixed_cov = _cho_inverse(chol_P)
 
-    # closed-form solve (the step from zero) + iterative refinement
-    beta = jnp.zeros((m,), dtype)
-    b = jnp.zeros((K, r), dtype)
+    def predict(beta, b):
+        return jnp.einsum("nmd,m->nd", A, beta) + jnp.einsum("nrd,nr->nd", B, b[task])
+
+    def row_gradients(resid):
+        return jnp.einsum("nmd,nd->m", centred, resid), segment_sum(jnp.einsum("nrd,nd->nr", B, resid), task, K)
+
+    beta, b = _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps)
+    return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv)
+
+
+def kron_bordered_solve(
+    x: Float[Array, "n q"],
+    weights: Float[Array, "n d d"],
+    grads: Float[Array, "n d"],
+    task: Int[Array, " n"],
+    num_tasks: int,
+    random_prior_prec: Float[Array, "d d"] | Float[Array, "K d d"],
+    random_prior_grad: Float[Array, "K d"] | None = None,
+    fixed_prior_prec: Float[Array, "m m"] | None = None,
+    *,
+    random_intercepts: bool = True,
+    refinement_steps: int = 1,
+) -> BorderedSolution:
+    r""":func:`bordered_solve` for shared covariates, :math:`A_j = x_j\otimes I_d`, and intercepts, :math:`B_j = I_d`.
+
+    The same system and solution as ``bordered_solve(kron_rows(x, d), eye_rows, ...)``
+    (``r = d``; ``r = 0`` with ``random_intercepts=False``), in
+    :math:`O(n q^2 d^2)` per pass over the rows instead of :math:`O(n q^2 d^3)`: the
+    dense form multiplies the ``[m, d]`` blocks of :math:`A_j`, mostly zeros, row by row,
+    which dominates an EM step of a mixture with many components (``d = g - 1`` mixing
+    logits).
+
+    The centred rows are formed from the covariates centred within each task,
+    :math:`\tilde x_j = x_j - \bar x_{t_j}` (:math:`\bar x_i` the task's mean row):
+    :math:`\tilde A_j = A_j - \bar A_i = \tilde x_j\otimes I_d + E_i` with
+
+    .. math::
+
+        E_i = \bar x_i\otimes I_d - \bar A_i = \big(\bar x_i\otimes Q_i - \tilde C_i\big)D_i^{-1},
+        \qquad \tilde C_i = \sum_{j\in i}\tilde x_j\otimes W_j,
+
+    (from :math:`C_i = \bar x_i\otimes M_i + \tilde C_i` and :math:`D_i = M_i + Q_i`), which
+    is small where the task's own information dominates and is computed without
+    cancellation. Then
+
+    .. math::
+
+        \sum_{j\in i}\tilde A_j W_j\tilde A_j^T = \sum_{j\in i}(\tilde x_j\tilde x_j^T)\otimes W_j
+            + \tilde C_i E_i^T + E_i\tilde C_i^T + E_i M_i E_i^T,
+        \qquad \sum_{j\in i}\tilde A_j r_j = \sum_{j\in i}\tilde x_j\otimes r_j + E_i\sum_{j\in i} r_j,
+
+    sums of terms of the size of the result (the covariates' offsets are gone), so the
+    float32 accuracy of the stable form is kept (``tests/test_linalg.py``). Without random
+    effects nothing is centred: :math:`P = F_0 + \sum_j (x_jx_j^T)\otimes W_j`.
+
+    Args:
+        x: shared covariates ``[n, q]``; :math:`\beta` is :math:`\operatorname{vec}` of a
+            ``[q, d]`` coefficient matrix, row-major (the layout of :func:`kron_rows`).
+        weights, grads, task, num_tasks, random_prior_prec, random_prior_grad,
+        fixed_prior_prec, refinement_steps: as in :func:`bordered_solve`, with ``r = d``.
+        random_intercepts: whether the tasks have random intercepts :math:`b_i\in\mathbb R^d`
+            (static); ``False`` gives weighted least squares, as ``r = 0`` does there.
+
+    Returns:
+        :class:`BorderedSolution`, as from :func:`bordered_solve`.
+    """
+    W = _as_float(weights)
+    dtype = jnp.result_type(W, _as_float(x), grads)
+    W = W.astype(dtype)
+    x = jnp.asarray(x, dtype)
+    u = jnp.asarray(grads, dtype)
+    task = jnp.asarray(task)
+    K = num_tasks
+    (n, q), d = x.shape, W.shape[-1]
+    m, r = q * d, d if random_intercepts else 0
+    Q = jnp.broadcast_to(jnp.asarray(random_prior_prec, dtype), (K, r, r))
+    h = jnp.zeros((K, r), dtype) if random_prior_grad is None else jnp.asarray(random_prior_grad, dtype)
+    F0 = None if fixed_prior_prec is None else jnp.asarray(fixed_prior_prec, dtype)
+    eye = jnp.eye(d, dtype=dtype)
+
+    if r > 0:
+        counts = segment_sum(jnp.ones((n,), dtype), task, K)
+        x_mean = segment_sum(x, task, K) / jnp.maximum(counts, 1.0)[:, None]  # [K, q]
+        x_rows = x - x_mean[task]  # centred within tasks
+        M = segment_sum(W, task, K)
+        D = M + Q
+        chol_D = psd_cholesky(_symmetrise(D))
+        random_prec_inv = _cho_inverse(chol_D)
+        c_tilde = segment_sum(jnp.einsum("na,nkl->nakl", x_rows, W), task, K).reshape(K, m, d)
+        numerator_t = jnp.swapaxes(jnp.einsum("ia,irs->iars", x_mean, Q).reshape(K, m, r) - c_tilde, -1, -2)
+        # E^T = D^{-1} (xbar (x) Q - C~)^T, polished once against the un-jittered D (module doc)
+        offset_t = cho_solve(chol_D, numerator_t)  # [K, r, m]
+        offset_t = offset_t + cho_solve(chol_D, numerator_t - jnp.einsum("irs,ism->irm", D, offset_t))
+        offset = jnp.swapaxes(offset_t, -1, -2)  # E [K, m, r]
+        centre = jnp.einsum("ia,kl->iakl", x_mean, eye).reshape(K, m, r) - offset
+    else:
+        x_rows = x
+        chol_D = random_prec_inv = jnp.zeros((K, 0, 0), dtype)
+        centre = offset = jnp.zeros((K, m, 0), dtype)
+
+    info = jnp.einsum("na,nb,nkl->akbl", x_rows, x_rows, W).reshape(m, m)
+    if r > 0:
+        cross = jnp.einsum("imd,ikd->mk", c_tilde, offset)
+        info = (info + cross + cross.T + jnp.einsum("imr,irs,iks->mk", offset, M, offset)
+                + jnp.einsum("imr,irs,iks->mk", centre, Q, centre))
+    if F0 is not None:
+        info = info + F0
+    chol_P = psd_cholesky(_symmetrise(info))
+    fixed_cov = _cho_inverse(chol_P)
+
+    def predict(beta, b):
+        eta = x @ beta.reshape(q, d)
+        return eta + b[task] if r > 0 else eta
+
+    def row_gradients(resid):
+        grad_f = jnp.einsum("na,nd->ad", x_rows, resid).reshape(m)
+        if r == 0:
+            return grad_f, jnp.zeros((K, 0), dtype)
+        resid_sums = segment_sum(resid, task, K)
+        return grad_f + jnp.einsum("imr,ir->m", offset, resid_sums), resid_sums
+
+    beta, b = _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps)
+    return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv)
+
+
+def _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps: int):
+    r"""The closed-form solve (the step from zero) and ``refinement_steps`` refinement steps.
+
+    Shared by :func:`bordered_solve` and :func:`kron_bordered_solve`, which differ only in
+    how the rows enter: ``predict(beta, b)`` gives :math:`\eta_j` ``[n, d]`` and
+    ``row_gradients(resid)`` gives :math:`(\sum_j \tilde A_j r_j\ [m],\ \sum_{j\in i} B_j r_j\ [K, r])`
+    (module docstring, "Iterative refinement").
+
+    Returns:
+        ``(beta [m], b [K, r])``.
+    """
+    K, m, r = centre.shape
+    beta = jnp.zeros((m,), W.dtype)
+    b = jnp.zeros((K, r), W.dtype)
     for step in range(1 + refinement_steps):
-        if step == 0:
-            resid = u
-        else:
-            eta = jnp.einsum("nmd,m->nd", A, beta) + jnp.einsum("nrd,nr->nd", B, b[task])
-            resid = u - jnp.einsum("nde,ne->nd", W, eta)
-        grad_f = jnp.einsum("nmd,nd->m", centred, resid)
+        resid = u if step == 0 else u - jnp.einsum("nde,ne->nd", W, predict(beta, b))
+        grad_f, grad_r = row_gradients(resid)
         if F0 is not None:
             grad_f = grad_f - F0 @ beta
         if r > 0:
             prior_resid = h - jnp.einsum("irs,is->ir", Q, b)
-            grad_r = segment_sum(jnp.einsum("nrd,nd->nr", B, resid), task, K) + prior_resid
+            grad_r = grad_r + prior_resid
             grad_f = grad_f - jnp.einsum("imr,ir->m", centre, prior_resid)
         step_f = _cho_solve_vec(chol_P, grad_f)
         beta = beta + step_f
         if r > 0:
             b = b + _cho_solve_vec(chol_D, grad_r) - jnp.einsum("imr,m->ir", centre, step_f)
-    return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv)
+    return beta, b
 
 
 def row_covariance(

@@ -15,9 +15,20 @@ import numpy as np
 import pytest
 
 from mtl_jax import linalg
-from mtl_jax.linalg import BorderedSolution, bordered_solve, diag_embed, kron_rows, row_covariance, segment_sum
+from mtl_jax.linalg import (
+    BorderedSolution,
+    bordered_solve,
+    diag_embed,
+    kron_bordered_solve,
+    kron_rows,
+    row_covariance,
+    segment_sum,
+)
 
 solve = jax.jit(bordered_solve, static_argnames=("num_tasks", "refinement_steps"))
+kron_solve = jax.jit(kron_bordered_solve, static_argnames=("num_tasks", "random_intercepts", "refinement_steps"))
+cholesky = jax.jit(linalg.cholesky)
+solve_triangular = jax.jit(linalg.solve_triangular, static_argnames=("transpose",))
 row_cov_fn = jax.jit(row_covariance)
 psd_cholesky = jax.jit(linalg.psd_cholesky)
 psd_inverse = jax.jit(linalg.psd_inverse)
@@ -175,6 +186,58 @@ def test_kron_rows_layout():
     np.testing.assert_allclose(jnp.einsum("nmd,m->nd", rows, coef.reshape(-1)), x @ coef, rtol=1e-12)
     gram = np.einsum("nmd,nkd->mk", rows, rows)  # with W_j = I: kron(X^T X, I_d)
     np.testing.assert_allclose(gram, np.kron(x.T @ x, np.eye(d)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("random_intercepts", [True, False])
+@pytest.mark.parametrize("all_priors", [True, False])
+def test_kron_solve_matches_the_dense_system_float64(random_intercepts, all_priors):
+    """A_j = x_j (x) I_d, B_j = I_d (or none): the brute-force dense solve, covariates far from zero."""
+    rng = np.random.default_rng(20 + 2 * random_intercepts + all_priors)
+    q, d = 2, 3
+    task = rng.permutation(np.repeat(np.arange(K_TASKS), TASK_SIZES))
+    n, r = task.size, d if random_intercepts else 0
+    x = np.column_stack([np.ones(n), 50.0 + rng.normal(size=n)])
+    G = rng.normal(size=(n, d, d))
+    G[::3, :, 1:] = 0.0  # rank-one weights
+    R = rng.normal(size=(K_TASKS if all_priors else 1, r, r))
+    Q = np.broadcast_to(R @ np.swapaxes(R, -1, -2) + 0.5 * np.eye(r), (K_TASKS, r, r))
+    S = rng.normal(size=(q * d, q * d))
+    p = dict(A=np.asarray(kron_rows(x, d)), B=np.broadcast_to(np.eye(d)[:r], (n, r, d)), W=G @ np.swapaxes(G, -1, -2),
+             u=rng.normal(size=(n, d)), task=task, Q=Q,
+             h=rng.normal(size=(K_TASKS, r)) if all_priors else np.zeros((K_TASKS, r)),
+             F0=S @ S.T + 0.1 * np.eye(q * d) if all_priors else np.zeros((q * d, q * d)))
+    solution = kron_solve(x, p["W"], p["u"], task, K_TASKS, Q, p["h"], p["F0"], random_intercepts=random_intercepts)
+    assert solution.random.shape == (K_TASKS, r) and solution.centre.shape == (K_TASKS, q * d, r)
+    _check_against_dense(p, solution, tol=1e-9)
+
+
+def test_cholesky_and_triangular_solves_match_numpy():
+    rng = np.random.default_rng(11)
+    G = rng.normal(size=(2, 3, 5, 5))
+    mats = G @ np.swapaxes(G, -1, -2) + 0.1 * np.eye(5)
+    chol = np.asarray(cholesky(mats))
+    np.testing.assert_allclose(chol, np.linalg.cholesky(mats), rtol=1e-12, atol=1e-14)
+    rhs = rng.normal(size=(3, 5, 2))  # broadcasts against the [2, 3] batch
+    np.testing.assert_allclose(solve_triangular(chol, rhs), np.linalg.solve(chol, rhs), rtol=1e-10)
+    np.testing.assert_allclose(solve_triangular(chol, rhs, transpose=True),
+                               np.linalg.solve(np.swapaxes(chol, -1, -2), rhs), rtol=1e-10)
+    # not positive definite: NaN from the failing column on (the third here), like LAPACK's failure
+    indefinite = np.diag([4.0, 1.0, -1.0, 2.0])
+    bad = np.asarray(cholesky(indefinite))
+    np.testing.assert_array_equal(np.diag(bad)[:2], [2.0, 1.0])
+    assert np.all(np.isnan(np.diag(bad)[2:]))
+
+
+def test_em_step_compiles_without_lapack_cholesky_or_triangular_solves():
+    """jaxlib 0.10's batched LAPACK kernels can deadlock the CPU thread pool when two run at once
+    (see linalg.cholesky); the mixture EM step must use the plain-jnp factorisations."""
+    from mtl_jax.models.mixture_glmm import MixtureGLMM
+    from tests.support import random_problem
+
+    params, design = random_problem(p=2, g=4, K=3, n=12)
+    text = jax.jit(lambda prm: MixtureGLMM(4).em_step(prm, design)).lower(params).as_text()
+    assert "potrf" not in text and "trsm" not in text
+    assert text.count("syevd") <= 1  # one eigendecomposition per step can never wait on another
 
 
 def test_segment_sum_and_diag_embed():

@@ -13,7 +13,7 @@ with the component labels as missing data:
   heading to 0 (where EM only creeps) jumps to its floor when the Laplace marginal of the
   mixing effects prefers the boundary (:func:`boundary_aware_covariance`).
 
-Every bordered fixed/random system is solved by :func:`mtl_jax.linalg.bordered_solve`,
+Every bordered fixed/random system is solved by :func:`mtl_jax.linalg.kron_bordered_solve`,
 which centres each task's rows before the fixed effects are coupled, so the updates keep
 their accuracy in float32 when a task's own information dominates. Variances live on a
 floor (:attr:`MixtureGLMM.variance_floor` times a scale: 1 for the logit-scale
@@ -34,8 +34,9 @@ from jaxtyping import Array, Float
 
 from mtl_jax.linalg import (
     BorderedSolution,
-    bordered_solve,
     diag_embed,
+    is_positive_definite,
+    kron_bordered_solve,
     kron_rows,
     psd_cholesky,
     psd_inverse,
@@ -99,7 +100,6 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     with_effects = model.has_mixing_effects
     dtype = design.y.dtype
     v, a, lam = params.mixing_coef, params.mixing_effects, params.mixing_cov
-    r = g1 if with_effects else 0
     prior_prec = psd_inverse(lam) if with_effects else jnp.zeros((0, 0), dtype)
 
     def q_mix(v, a):
@@ -112,10 +112,8 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     pi = jax.nn.softmax(mixing_logits(v, design.x_mix, a[design.task]), axis=-1)[:, :g1]
     weights = diag_embed(pi) - pi[:, :, None] * pi[:, None, :]  # -d2 Q / d eta2, [n, g1, g1]
     grads = tau[:, :g1] - pi  # d Q / d eta
-    random_rows = jnp.broadcast_to(jnp.eye(g1, dtype=dtype)[:r], (design.y.shape[0], r, g1))
-    solution = bordered_solve(
-        kron_rows(design.x_mix, g1),
-        random_rows,
+    solution = kron_bordered_solve(
+        design.x_mix,
         weights,
         grads,
         design.task,
@@ -123,6 +121,7 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         prior_prec,
         random_prior_grad=-(a @ prior_prec) if with_effects else None,
         fixed_prior_prec=_ridge(model, design.x_mix.shape[1] * g1, design.y.shape[0], dtype),
+        random_intercepts=with_effects,
     )
     step_v = solution.fixed.reshape(design.x_mix.shape[1], g1).T
     step_a = solution.random if with_effects else jnp.zeros_like(a)
@@ -220,7 +219,8 @@ def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, g
     ray = cov + steps[:, None, None] * jnp.outer(top, top)
     ray_values, ray_modes = jax.vmap(effects_surrogate, in_axes=(0, None, None))(ray, info, score_at_zero)
     best = jnp.argmax(ray_values)
-    leave_floor = (jnp.max(jnp.linalg.eigvalsh(cov)) <= 100 * floor) & (rise[-1] > 0) & (ray_values[best] > value_em)
+    near_floor = is_positive_definite(100 * floor * eye - cov)  # every eigenvalue of cov <= 100 floor
+    leave_floor = near_floor & (rise[-1] > 0) & (ray_values[best] > value_em)
     to_floor = (value_floor >= value_em) & ~leave_floor
     cov = jnp.where(to_floor, floor * eye, jnp.where(leave_floor, ray[best], cov))
     effects = jnp.where(to_floor, mode_floor, jnp.where(leave_floor, ray_modes[best], effects))
@@ -274,8 +274,8 @@ def _component_update(model, design: MixtureDesign, tau, cov, var, scale, update
     random_rows = jnp.broadcast_to(jnp.eye(p, dtype=dtype)[: p if with_effects else 0], (n, p if with_effects else 0, p))
     prior_prec = diag_embed(1.0 / var) if with_effects else jnp.zeros((0, 0), dtype)
     ridge = _ridge(model, q * p, n, dtype) * jnp.max(jnp.diagonal(prec))
-    solution = bordered_solve(fixed_rows, random_rows, weights, y @ prec * tau[:, None], task, K, prior_prec,
-                              fixed_prior_prec=ridge)
+    solution = kron_bordered_solve(x, weights, y @ prec * tau[:, None], task, K, prior_prec, fixed_prior_prec=ridge,
+                                   random_intercepts=with_effects)
     coef = solution.fixed.reshape(q, p)
     effects = solution.random if with_effects else jnp.zeros((K, p), dtype)
     resid = y - x @ coef - effects[task]

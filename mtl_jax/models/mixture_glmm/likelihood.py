@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from mtl_jax.linalg import diag_embed, psd_cholesky, segment_sum
+from mtl_jax.linalg import cho_solve, cholesky, diag_embed, psd_cholesky, segment_sum, solve_triangular
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
 
 LOG_2PI = 1.8378770664093453
@@ -69,7 +69,7 @@ def mvn_logpdf(y, mean, cov):
     """
     chol = psd_cholesky(cov)
     eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
-    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    inv_chol = solve_triangular(chol, eye)
     white = jnp.einsum("gkl,...gl->...gk", inv_chol, y - mean)
     half_logdet = jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)).sum(-1)
     return -0.5 * (cov.shape[-1] * LOG_2PI + jnp.sum(white**2, axis=-1)) - half_logdet
@@ -88,7 +88,7 @@ def mvn_zero_logpdf(x: Float[Array, "K d"], cov: Float[Array, "d d"]) -> Float[A
         return jnp.zeros(x.shape[:1], x.dtype)
     active = jnp.trace(cov) > 0
     chol = psd_cholesky(jnp.where(active, cov, jnp.eye(d, dtype=cov.dtype)))
-    white = jax.scipy.linalg.solve_triangular(chol, x.T, lower=True)
+    white = solve_triangular(chol, x.T)
     value = -0.5 * (d * LOG_2PI + jnp.sum(white**2, axis=0)) - jnp.log(jnp.diagonal(chol)).sum()
     return jnp.where(active, value, 0.0)
 
@@ -131,7 +131,7 @@ def laplace_log_marginal(
     prior_cov = _effects_prior_cov(params, use_mixing, use_component)
     r = prior_cov.shape[0]
     prior_chol = psd_cholesky(prior_cov)
-    prior_prec = jax.scipy.linalg.cho_solve((prior_chol, True), jnp.eye(r, dtype=dtype))
+    prior_prec = cho_solve(prior_chol, jnp.eye(r, dtype=dtype))
     prior_logdet = 2.0 * jnp.log(jnp.diagonal(prior_chol)).sum()
 
     def unpack(u):  # u: [r] -> (a [g-1], b [g, p])
@@ -169,7 +169,7 @@ def laplace_log_marginal(
         eig = jnp.linalg.eigvalsh(neg)
         shift = jnp.where(eig[:, 0] > 0, 0.0, 1e-3 * (1.0 + jnp.abs(eig[:, -1])) - eig[:, 0])
         neg_chol = psd_cholesky(neg + shift[:, None, None] * jnp.eye(r, dtype=dtype))
-        step = jax.scipy.linalg.cho_solve((neg_chol, True), grad[..., None])[..., 0]
+        step = cho_solve(neg_chol, grad[..., None])[..., 0]
         return step, jnp.einsum("ir,ir->i", grad, step)
 
     def newton(_, u):
@@ -196,7 +196,7 @@ def laplace_log_marginal(
     _, hess = task_derivatives(u)
     _, decrement = newton_direction(u)
     eps = jnp.finfo(dtype).eps
-    neg_chol = jnp.linalg.cholesky(-hess)
+    neg_chol = cholesky(-hess)
     positive = jnp.all(jnp.isfinite(neg_chol)) & jnp.all(jnp.diagonal(neg_chol, axis1=-2, axis2=-1) > 0)
     values = task_value(u)
     counts = segment_sum(jnp.ones_like(design.task, dtype), task, K + 1)[:K]

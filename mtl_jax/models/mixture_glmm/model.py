@@ -41,7 +41,7 @@ import pandas as pd
 from jaxtyping import Array, Float
 
 from mtl_jax.data import TaskData
-from mtl_jax.linalg import psd_cholesky
+from mtl_jax.linalg import cholesky, psd_cholesky, solve_triangular
 from mtl_jax.models.mixture_glmm import em, likelihood, variance
 from mtl_jax.models.mixture_glmm.params import POPULATION_FIELDS, MixtureDesign, MixtureParams, MixturePriors
 from mtl_jax.models.protocol import register
@@ -250,7 +250,7 @@ class MixtureGLMM:
         key_z, key_y = jax.random.split(key)
         logits, means = self.linear_predictors(params, design)
         z = jax.random.categorical(key_z, logits, axis=-1)
-        chol = jnp.linalg.cholesky(params.component_cov)
+        chol = cholesky(params.component_cov)
         noise = jax.random.normal(key_y, means.shape[:1] + means.shape[2:], means.dtype)
         y = jnp.take_along_axis(means, z[:, None, None], axis=1)[:, 0] + jnp.einsum("npk,nk->np", chol[z], noise)
         return z, y
@@ -501,18 +501,17 @@ class MixtureGLMM:
         if self.num_components > 1:
             values["mixing_coef"] = params.mixing_coef
         if cov.shape[-1] > 1:
-            values["component_corr_chol"] = jnp.linalg.cholesky(cov / (scale[:, :, None] * scale[:, None, :]))
+            values["component_corr_chol"] = cholesky(cov / (scale[:, :, None] * scale[:, None, :]))
         if self.has_mixing_effects:
             lam = params.mixing_cov
             sd = jnp.maximum(jnp.sqrt(jnp.diagonal(lam)), MIN_SD)
-            corr_chol = jnp.linalg.cholesky(lam / (sd[:, None] * sd[None, :]) + 1e-6 * jnp.eye(lam.shape[0]))
+            corr_chol = cholesky(lam / (sd[:, None] * sd[None, :]) + 1e-6 * jnp.eye(lam.shape[0]))
             corr_chol = corr_chol / jnp.linalg.norm(corr_chol, axis=1, keepdims=True)
             values["mixing_effects_sd"] = sd
             if lam.shape[0] > 1:
                 values["mixing_corr_chol"] = corr_chol
             lam_chol = sd[:, None] * corr_chol
-            values["mixing_effects_z"] = jax.scipy.linalg.solve_triangular(
-                lam_chol, params.mixing_effects.T, lower=True).T
+            values["mixing_effects_z"] = solve_triangular(lam_chol, params.mixing_effects.T).T
         if self.component_random_effects:
             sd = jnp.maximum(jnp.sqrt(params.component_var), MIN_SD)
             values["component_effects_sd"] = sd
