@@ -19,6 +19,7 @@ from mtl_jax.models.sequence_lda.generators import (
     Markov,
     MarkovParams,
 )
+from mtl_jax.models.sequence_lda.generators.states import forward, log_likelihood
 
 RNG = np.random.default_rng(0)
 
@@ -247,6 +248,31 @@ def test_hmm_gradient_counts_equal_forward_backward(halting):
         np.testing.assert_allclose(counts.log_init[k], init, rtol=1e-10)
         np.testing.assert_allclose(counts.log_trans[k], trans, rtol=1e-10)
         np.testing.assert_allclose(counts.log_emit[k], emit, rtol=1e-10)
+
+
+@pytest.mark.parametrize("halting", [True, False])
+def test_backward_algorithm_gradient_equals_autodiff_of_the_forward_scan(halting):
+    """log_likelihood's custom gradient (the backward recursion) against reverse-mode AD of
+    forward(), on lengths 0..L with weights, emission log-densities far below zero."""
+    rng = np.random.default_rng(12)
+    S, L, W = 3, 6, 3 + halting
+    log_init = jnp.log(jnp.asarray(_simplex(rng, S)))
+    log_trans = jnp.log(jnp.asarray(rng.dirichlet(np.ones(W), size=S)))
+    log_obs = jnp.asarray(rng.normal(size=(L + 1, L, S)) * 3.0 - 40.0)
+    lengths = jnp.arange(L + 1)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, size=L + 1))
+
+    def total(one_sequence):
+        def objective(log_init, log_trans, log_obs):
+            values = jax.vmap(one_sequence, (None, None, 0, 0))(log_init, log_trans, log_obs, lengths)
+            return jnp.sum(weights * values)
+        return jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))(log_init, log_trans, log_obs)
+
+    value, grads = total(lambda *args: log_likelihood(*args, halting))
+    ref_value, ref_grads = total(lambda *args: forward(*args, halting)[0])
+    np.testing.assert_allclose(value, ref_value, rtol=1e-13)
+    for grad, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_gaussian_hmm_m_step_equals_forward_backward_update():

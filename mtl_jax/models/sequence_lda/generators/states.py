@@ -14,9 +14,10 @@ a distribution over finite non-empty sequences. With ``halting=False`` rows of :
 have ``W = S`` outcomes and there is no END factor (the prefix probability).
 
 The forward pass (:func:`forward`) is a ``lax.scan`` whose carry is the normalised
-filtered log-distribution :math:`\log p(z_l \mid x_{1:l})`; each step emits its
-log-normaliser :math:`\log p(x_l \mid x_{1:l-1})` (which includes the probability of not
-ending), and their sum is the log-likelihood: stable in float32 for long sequences.
+filtered distribution :math:`p(z_l \mid x_{1:l})` (Rabiner's scaled forward variables);
+each step emits its normaliser :math:`p(x_l \mid x_{1:l-1})` (which includes the
+probability of not ending), and the sum of their logs is the log-likelihood: stable in
+float32 for long sequences.
 
 The M-step is one Baum-Welch step whose expected counts are gradients (Fisher's
 identity): for any probability :math:`p` entering the likelihood multiplicatively,
@@ -30,6 +31,7 @@ updates from the occupancies.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -41,11 +43,49 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 from mtl_jax.models.sequence_lda.generators.common import TopicPriors, log_dirichlet, log_normalize
 
 
+def _scaled_forward(log_init, log_trans, log_obs, length, halting: bool):
+    """The scaled forward pass (see :func:`forward`) and what the backward pass reuses.
+
+    Returns:
+        ``(log_prob, filtered [L, S], norms [L], obs [L, S], end [S])``: the scaled
+        emission densities ``obs`` and the END probabilities ``end`` (ones without halting).
+    """
+    num_states = log_init.shape[-1]
+    move = jnp.exp(log_trans[:, :num_states])
+    tiny = jnp.finfo(log_obs.dtype).tiny
+    # Emission densities in probability space, scaled per position by their largest state
+    # (added back to the log-normaliser): the scan below then needs no exp or log.
+    shift = jnp.max(log_obs, axis=-1, keepdims=True)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    obs = jnp.exp(log_obs - shift)
+
+    def step(filtered, inputs):
+        position, ob = inputs
+        # p(z_l | x_{1:l-1}) = sum_s p(z_{l-1} = s | x_{1:l-1}) A_{s z_l}, then Bayes' rule;
+        # the normaliser (clipped at the smallest normal number for an impossible symbol)
+        # is p(x_l | x_{1:l-1}) up to the shift.
+        predicted = jnp.where(position == 0, jnp.exp(log_init), filtered @ move)
+        joint = predicted * ob
+        norm = jnp.maximum(jnp.sum(joint), tiny)
+        valid = position < length
+        filtered = jnp.where(valid, joint / norm, filtered)
+        return filtered, (jnp.where(valid, norm, 1.0), filtered)
+
+    positions = jnp.arange(log_obs.shape[0])
+    last, (norms, filtered) = lax.scan(step, jnp.exp(log_init), (positions, obs))
+    log_prob = jnp.sum(jnp.log(norms) + jnp.where(positions < length, shift[:, 0], 0.0))
+    end = jnp.exp(log_trans[:, num_states]) if halting else jnp.ones_like(log_init)
+    if halting:
+        log_end = jnp.log(jnp.maximum(last @ end, tiny))
+        log_prob = log_prob + jnp.where(length > 0, log_end, 0.0)
+    return log_prob, filtered, norms, obs, end
+
+
 def forward(
     log_init: Float[Array, " S"], log_trans: Float[Array, "S W"], log_obs: Float[Array, "L S"],
     length: Int[Array, ""], halting: bool,
 ) -> tuple[Float[Array, ""], Float[Array, "L S"]]:
-    r"""The forward algorithm in normalised log space for one sequence.
+    r"""The forward algorithm with a normalised carry, for one sequence.
 
     Args:
         log_init: :math:`\log \pi`.
@@ -59,32 +99,70 @@ def forward(
         ``length == 0``) and :math:`\log p(z_l \mid x_{1:l})` per position (rows at
         ``l >= length`` repeat the last valid row).
     """
-    num_states = log_init.shape[-1]
+    log_prob, filtered = _scaled_forward(log_init, log_trans, log_obs, length, halting)[:2]
+    return log_prob, jnp.log(filtered)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def log_likelihood(
+    log_init: Float[Array, " S"], log_trans: Float[Array, "S W"], log_obs: Float[Array, "L S"],
+    length: Int[Array, ""], halting: bool,
+) -> Float[Array, ""]:
+    r""":math:`\log P(x_{1:\mathrm{length}})` (as :func:`forward`), with the backward algorithm as its gradient.
+
+    The gradient is what reverse-mode differentiation of the forward scan gives (Fisher's
+    identity, module docstring), computed by the scaled backward recursion
+    :math:`\hat\beta_{L} = e / (f_L^T e)` (:math:`e` the END column, ones without halting),
+    :math:`\hat\beta_l = A\,(o_{l+1} \odot \hat\beta_{l+1}) / c_{l+1}` with :math:`f_l` the
+    filtered distributions, :math:`o_l` the (scaled) emission densities and :math:`c_l` the
+    normalisers of the forward pass:
+
+    * :math:`\partial / \partial \log p(x_l \mid z_l = s) = \gamma_{ls} = f_{ls}\hat\beta_{ls}`;
+    * :math:`\partial / \partial \log \pi_s = \gamma_{1s}`;
+    * :math:`\partial / \partial \log A_{ss'} = \sum_l f_{ls} A_{ss'} o_{l+1,s'}\hat\beta_{l+1,s'} / c_{l+1}`
+      and :math:`\partial / \partial \log A_{s,\mathrm{END}} = f_{Ls} e_s / (f_L^T e)`.
+
+    One backward scan of vector operations replaces the transposed forward scan (2x faster
+    for the E-step). First derivatives only (no forward-mode or second derivatives).
+    """
+    return _scaled_forward(log_init, log_trans, log_obs, length, halting)[0]
+
+
+def _log_likelihood_fwd(log_init, log_trans, log_obs, length, halting):
+    log_prob, filtered, norms, obs, end = _scaled_forward(log_init, log_trans, log_obs, length, halting)
+    return log_prob, (log_trans, filtered, norms, obs, end, length)
+
+
+def _log_likelihood_bwd(halting, residuals, cotangent):
+    log_trans, filtered, norms, obs, end, length = residuals
+    num_states = filtered.shape[-1]
     move = jnp.exp(log_trans[:, :num_states])
-    tiny = jnp.finfo(log_obs.dtype).tiny
+    tiny = jnp.finfo(filtered.dtype).tiny
+    last_valid = jnp.maximum(length - 1, 0)
+    f_last = jax.lax.dynamic_index_in_dim(filtered, last_valid, keepdims=False)
+    end_mass = jnp.maximum(f_last @ end, tiny)
+    beta_last = end / end_mass
 
-    def step(log_filtered, inputs):
-        position, log_ob = inputs
-        # log sum_s p(z_{l-1} = s | x_{1:l-1}) A_{s s'}: the filtered distribution sums to 1,
-        # so a matrix product in probability space is exact up to states below the smallest
-        # normal number (clipped there, which also keeps the gradient finite); 2-3x faster
-        # than a logsumexp over S x S terms, forward and backward.
-        log_predicted = jnp.where(
-            position == 0, log_init, jnp.log(jnp.maximum(jnp.exp(log_filtered) @ move, tiny))
-        )
-        log_joint = log_predicted + log_ob
-        log_norm = logsumexp(log_joint)
-        valid = position < length
-        log_filtered = jnp.where(valid, log_joint - log_norm, log_filtered)
-        return log_filtered, (jnp.where(valid, log_norm, 0.0), log_filtered)
+    def step(message, inputs):
+        # message = o_{l+1} * beta_{l+1} / c_{l+1}, from the position after this one
+        position, ob, norm = inputs
+        beta = jnp.where(position == last_valid, beta_last, move @ message)
+        beta = jnp.where(position < length, beta, 0.0)
+        return jnp.where(position < length, ob * beta / norm, message), beta
 
-    positions = jnp.arange(log_obs.shape[0])
-    last, (log_norms, log_filtered) = lax.scan(step, log_init, (positions, log_obs))
-    log_prob = jnp.sum(log_norms)
+    positions = jnp.arange(filtered.shape[0])
+    _, beta = lax.scan(step, jnp.zeros_like(end), (positions, obs, norms), reverse=True)
+    occupancy = filtered * beta  # zero at padding, as are the messages
+    messages = obs * beta / norms[:, None]
+    grad_trans = move * (filtered[:-1].T @ messages[1:])  # sum_l f_l (x) message_{l+1}
     if halting:
-        log_end = logsumexp(last + log_trans[:, num_states])
-        log_prob = log_prob + jnp.where(length > 0, log_end, 0.0)
-    return log_prob, log_filtered
+        grad_end = jnp.where(length > 0, f_last * end / end_mass, 0.0)
+        grad_trans = jnp.concatenate([grad_trans, grad_end[:, None]], axis=1)
+    grad_init = jnp.where(length > 0, occupancy[0], 0.0)
+    return cotangent * grad_init, cotangent * grad_trans, cotangent * occupancy, None
+
+
+log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
 
 
 def next_outcome_log_probs(
@@ -161,7 +239,7 @@ class HiddenStates(TopicPriors):
     def log_prob(self, params, x: Shaped[Array, " L"], length: Int[Array, ""]) -> Float[Array, ""]:
         """Log-probability (density) of one sequence (its first ``length`` entries), one topic."""
         log_obs = self._log_obs(params, x)
-        return forward(params.log_init, params.log_trans, log_obs, length, self.halting)[0]
+        return log_likelihood(params.log_init, params.log_trans, log_obs, length, self.halting)
 
     def log_prior(self, params) -> Float[Array, ""]:
         r"""Log of the prior the M-step's MAP maximises, up to a constant.
@@ -193,9 +271,9 @@ class HiddenStates(TopicPriors):
         log_obs = jax.vmap(jax.vmap(self._log_obs, (None, 0)), (0, None))(params, x)
 
         def objective(log_init, log_trans, log_obs_one, weights_one):
-            log_probs = jax.vmap(forward, (None, None, 0, 0, None))(
+            log_probs = jax.vmap(log_likelihood, (None, None, 0, 0, None))(
                 log_init, log_trans, log_obs_one, lengths, self.halting
-            )[0]
+            )
             return jnp.sum(weights_one * log_probs)
 
         grad = jax.vmap(jax.grad(objective, argnums=(0, 1, 2)))
