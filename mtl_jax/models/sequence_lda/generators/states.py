@@ -123,7 +123,10 @@ def log_likelihood(
       and :math:`\partial / \partial \log A_{s,\mathrm{END}} = f_{Ls} e_s / (f_L^T e)`.
 
     One backward scan of vector operations replaces the transposed forward scan (2x faster
-    for the E-step). First derivatives only (no forward-mode or second derivatives).
+    for the E-step); it accumulates the expected moves in its carry and emits the weighted
+    occupancies directly, so no ``[L, S]`` array besides them is written (the E-step is
+    bound by memory traffic on a CPU). First derivatives only (no forward-mode or second
+    derivatives).
     """
     return _scaled_forward(log_init, log_trans, log_obs, length, halting)[0]
 
@@ -143,23 +146,26 @@ def _log_likelihood_bwd(halting, residuals, cotangent):
     end_mass = jnp.maximum(f_last @ end, tiny)
     beta_last = end / end_mass
 
-    def step(message, inputs):
-        # message = o_{l+1} * beta_{l+1} / c_{l+1}, from the position after this one
-        position, ob, norm = inputs
+    def step(carry, inputs):
+        # message = o_{l+1} * beta_{l+1} / c_{l+1}, from the position after this one (zero
+        # past the end); moves accumulates sum_{l' >= l} f_{l'} (x) message_{l'+1}
+        message, moves = carry
+        position, ob, norm, filtered_here = inputs
         beta = jnp.where(position == last_valid, beta_last, move @ message)
         beta = jnp.where(position < length, beta, 0.0)
-        return jnp.where(position < length, ob * beta / norm, message), beta
+        moves = moves + filtered_here[:, None] * message[None, :]
+        message = jnp.where(position < length, ob * beta / norm, message)
+        return (message, moves), cotangent * filtered_here * beta
 
     positions = jnp.arange(filtered.shape[0])
-    _, beta = lax.scan(step, jnp.zeros_like(end), (positions, obs, norms), reverse=True)
-    occupancy = filtered * beta  # zero at padding, as are the messages
-    messages = obs * beta / norms[:, None]
-    grad_trans = move * (filtered[:-1].T @ messages[1:])  # sum_l f_l (x) message_{l+1}
+    start = (jnp.zeros_like(end), jnp.zeros_like(move))
+    (_, moves), weighted_occupancy = lax.scan(step, start, (positions, obs, norms, filtered), reverse=True)
+    grad_trans = move * moves
     if halting:
         grad_end = jnp.where(length > 0, f_last * end / end_mass, 0.0)
         grad_trans = jnp.concatenate([grad_trans, grad_end[:, None]], axis=1)
-    grad_init = jnp.where(length > 0, occupancy[0], 0.0)
-    return cotangent * grad_init, cotangent * grad_trans, cotangent * occupancy, None
+    grad_init = jnp.where(length > 0, weighted_occupancy[0], 0.0)
+    return grad_init, cotangent * grad_trans, weighted_occupancy, None
 
 
 log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
