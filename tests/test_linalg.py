@@ -57,7 +57,7 @@ def _dense_reference(A, B, W, u, task, num_tasks, Q, h=None, F0=None, full=True)
     """
     A, B, W, u = (np.asarray(a, float) for a in (A, B, W, u))
     task = np.asarray(task)
-    K, (n, m, d), r = num_tasks, A.shape, B.shape[1]
+    K, m, r = num_tasks, A.shape[1], B.shape[1]
     Q = np.broadcast_to(np.asarray(Q, float), (K, r, r))
     AW = np.einsum("nmd,nde->nme", A, W)
     C, D, g_r = np.zeros((K, m, r)), np.array(Q), np.zeros((K, r))

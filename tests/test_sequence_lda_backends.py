@@ -13,7 +13,7 @@ from scipy.stats import dirichlet, invgamma, norm
 
 from mtl_jax import SequenceData, SequenceLDA, fit
 from mtl_jax.models.sequence_lda import SequenceLDAParams
-from mtl_jax.models.sequence_lda.generators import GaussianHMMParams, MarkovParams
+from mtl_jax.models.sequence_lda.generators import MarkovParams
 
 SEQUENCES = {"x": ["ab", "abb", "ab", "b"], "y": ["ba", "aab", "a"], "z": ["bbb", "ab"]}
 
