@@ -124,8 +124,8 @@ def log_likelihood(
 
     One backward scan of vector operations replaces the transposed forward scan (2x faster
     for the E-step); it accumulates the expected moves in its carry and emits the weighted
-    occupancies directly, so no ``[L, S]`` array besides them is written (the E-step is
-    bound by memory traffic on a CPU). First derivatives only (no forward-mode or second
+    occupancies directly, the only ``[L, S]`` array it writes (the E-step is bound by
+    memory traffic on a CPU). First derivatives only (no forward-mode or second
     derivatives).
     """
     return _scaled_forward(log_init, log_trans, log_obs, length, halting)[0]
@@ -164,8 +164,8 @@ def _log_likelihood_bwd(halting, residuals, cotangent):
     if halting:
         grad_end = jnp.where(length > 0, f_last * end / end_mass, 0.0)
         grad_trans = jnp.concatenate([grad_trans, grad_end[:, None]], axis=1)
-    grad_init = jnp.where(length > 0, weighted_occupancy[0], 0.0)
-    return grad_init, cotangent * grad_trans, weighted_occupancy, None
+    # occupancies are zero at padding (beta = 0 there), so position 0 of an empty sequence too
+    return weighted_occupancy[0], cotangent * grad_trans, weighted_occupancy, None
 
 
 log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
