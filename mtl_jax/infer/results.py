@@ -135,7 +135,10 @@ class Fit:
             if standard_errors:
                 table["se"] = pd.Series(standard_errors, dtype=float)
             return table
-        return pd.concat([estimates, posterior_table(self.model, self.draws, self.labels, self.iid_draws)], axis=1)
+        posterior = posterior_table(self.model, self.draws, self.labels, self.iid_draws)
+        if set(posterior.index) != set(estimates.index):
+            raise ValueError(f"posterior summaries {sorted(set(posterior.index) ^ set(estimates.index))} do not match the estimates")
+        return estimates.to_frame().join(posterior)
 
     def to_arviz(self):
         """Posterior draws as an ``arviz.InferenceData`` (fits with draws)."""
