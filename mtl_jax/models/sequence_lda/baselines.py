@@ -74,7 +74,7 @@ def weighted_em_step(
         never lowers it).
     """
     stacked = jax.tree_util.tree_map(lambda leaf: leaf[None], params)
-    log_lik = jax.vmap(generator.log_prob, in_axes=(None, 0, 0))(params, observations, lengths)
+    log_lik = generator.log_probs(params, observations, lengths)
     objective = weighted_log_likelihood(weights, log_lik) + generator.log_prior(stacked)
     new = generator.m_step(stacked, observations, lengths, weights[:, None])
     return jax.tree_util.tree_map(lambda leaf: leaf[0], new), objective

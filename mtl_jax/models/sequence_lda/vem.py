@@ -74,13 +74,12 @@ def log_dirichlet_normalizer(concentration: Float[Array, "... K"]) -> Float[Arra
 
 @functools.partial(jax.jit, static_argnums=0)
 def topic_log_likelihoods(generator, topics, observations: Array, lengths: Int[Array, " S"]) -> Float[Array, "S K"]:
-    r""":math:`\log P_k(x_n)` of every row under every topic (``vmap`` over rows and topics).
+    r""":math:`\log P_k(x_n)` of every row under every topic (the generator's batched ``log_probs``, ``vmap`` over topics).
 
     Jitted (``generator`` static) so that a NumPyro program run eagerly, as SVI's and
     NUTS's initialisation do, compiles it once instead of each of its vmapped primitives.
     """
-    per_topic = jax.vmap(generator.log_prob, in_axes=(0, None, None))
-    return jax.vmap(per_topic, in_axes=(None, 0, 0))(topics, observations, lengths)
+    return jax.vmap(generator.log_probs, in_axes=(0, None, None), out_axes=1)(topics, observations, lengths)
 
 
 def e_step(

@@ -8,6 +8,8 @@ NamedTuple of log-probabilities with a leading topic axis ``[K, ...]``:
 ``log_prob(params_one_topic, x [L], length) -> scalar``
     Natural-log probability of one sequence under one topic (``vmap`` over both);
     positions ``>= length`` are ignored and ``length == 0`` (a padding row) scores 0.
+``log_probs(params_one_topic, x [N, L], lengths [N]) -> [N]`` (:class:`.common.Generator`)
+    The same for a batch: ``vmap`` of ``log_prob``, or a faster batched pass (the HMMs).
 ``m_step(params, x [N, L], lengths [N], weights [N, K]) -> params``
     Maximises :math:`\\sum_n \\sum_k w_{nk} \\log P_k(x_n)` plus the Dirichlet prior (closed
     form, or one Baum-Welch step for the HMMs); weights include multiplicities.
@@ -18,7 +20,7 @@ NamedTuple of log-probabilities with a leading topic axis ``[K, ...]``:
     Discrete generators: next-outcome log-distribution (``V`` symbols, then HALT) after
     each prefix.
 
-``sample_topics(num_topics, dtype) -> params`` (:class:`.common.TopicPriors`)
+``sample_topics(num_topics, dtype) -> params`` (:class:`.common.Generator`)
     The topics as NumPyro sample sites (one per field, named without ``log_``) under
     their priors (``field_prior``), for the SVI and NUTS backends.
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import (
-    TopicPriors,
+    Generator,
     log_dirichlet,
     log_normalize,
     weighted_counts,
@@ -27,7 +27,7 @@ class CategoricalParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Categorical(TopicPriors):
+class Categorical(Generator):
     """A categorical distribution over ``num_symbols`` symbols per topic.
 
     Attributes:

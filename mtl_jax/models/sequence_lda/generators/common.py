@@ -66,8 +66,11 @@ def from_sites(params_type: type, samples: dict[str, Array]):
     })
 
 
-class TopicPriors:
-    r"""The topics as NumPyro sample sites, with their priors (mixin of the generators).
+class Generator:
+    r"""What every generator shares: batch scoring and the topics as NumPyro sample sites.
+
+    :meth:`log_probs` scores a batch under one topic by ``vmap`` of the generator's
+    ``log_prob`` (a generator with a faster batched pass overrides it).
 
     The generator (a frozen dataclass with a ``pseudo_count`` field ``a``) names its
     parameter NamedTuple in ``params_type``. Each field is one site, named and valued as in
@@ -78,6 +81,10 @@ class TopicPriors:
 
     pseudo_count: float
     params_type: ClassVar[type]
+
+    def log_probs(self, params, x: Array, lengths: Array) -> Array:
+        """Log-probabilities ``[N]`` of sequences ``x [N, L]`` (first ``lengths [N]`` entries) under one topic."""
+        return jax.vmap(self.log_prob, in_axes=(None, 0, 0))(params, x, lengths)
 
     def field_prior(self, field: str, shape: tuple[int, ...], dtype) -> dist.Distribution:
         """The prior of one field's site value of shape ``shape`` (``[K, ..., n]``): ``Dirichlet(1 + a)`` rows."""

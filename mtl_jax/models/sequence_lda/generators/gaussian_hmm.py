@@ -4,10 +4,9 @@ The state process (initial distribution, moves and per-state END, forward pass a
 Baum-Welch counts) is :class:`.states.HiddenStates`, that of the categorical HMM; state
 ``s`` emits :math:`x_l \sim N(\mu_s, \sigma^2_s)`.
 
-The M-step is one Baum-Welch step. State occupancies :math:`\gamma_{sl}(n)` are the
-gradients of :math:`\sum_n w_n \log P(x_n)` with respect to the log emission densities
-(Fisher's identity, :meth:`.states.HiddenStates.state_counts`); means and variances are
-the MAP under the prior
+The M-step is one Baum-Welch step. The occupancy-weighted moments of the data about the
+current means are gradients of :math:`\sum_n w_n \log P(x_n)` (Fisher's identity,
+:meth:`GaussianHMM._emission_inputs`); means and variances are the MAP under the prior
 :math:`\log p(\mu, \sigma^2) = -\tfrac a2 \log \sigma^2 - a\,\frac{(\mu - m_0)^2 + v_0}{2\sigma^2}`
 (``a = pseudo_count``, ``m_0 = prior_mean``, ``v_0 = prior_variance``), which keeps every
 variance above ``a v_0 / (N_s + a)``:
@@ -69,9 +68,6 @@ class GaussianHMM(HiddenStates):
     observations: ClassVar[str] = "values"
     params_type: ClassVar[type] = GaussianHMMParams
 
-    # The emission statistics are the occupancies themselves.
-    expected_counts = HiddenStates.state_counts
-
     @property
     def _emission_parameters(self) -> int:
         """``2 S``: a mean and a variance per state."""
@@ -88,11 +84,27 @@ class GaussianHMM(HiddenStates):
             jnp.full(shape, jnp.log(self.prior_variance)),
         )
 
-    def _log_obs(
-        self, params: GaussianHMMParams, values: Float[Array, " L"]
-    ) -> Float[Array, "L S"]:
-        """Log emission densities of every position under every state."""
-        return dist.Normal(params.mean, jnp.exp(0.5 * params.log_var)).log_prob(values[:, None])
+    def _emission_inputs(self, params: GaussianHMMParams) -> tuple[Float[Array, " S"], ...]:
+        r"""``(mean, rho, nu, eta)`` with :math:`\rho = -1/(2\sigma^2)`, :math:`\nu = -\tfrac12 \log(2\pi\sigma^2)`, :math:`\eta = 0`.
+
+        The log-density :math:`\rho (x - \mu)^2 + \nu + \eta (x - \mu)` (:meth:`_log_obs`)
+        is the normal one, and its gradients with respect to :math:`\rho, \nu, \eta` are
+        the occupancy-weighted moments about the current mean,
+        :math:`\sum \gamma (x - \mu)^2`, :math:`\sum \gamma` and :math:`\sum \gamma (x - \mu)`:
+        the M-step's statistics, centred (accurate in float32 for data far from zero).
+        """
+        return (
+            params.mean,
+            -0.5 * jnp.exp(-params.log_var),
+            -0.5 * (jnp.log(2.0 * jnp.pi) + params.log_var),
+            jnp.zeros_like(params.mean),
+        )
+
+    def _log_obs(self, emissions: tuple[Float[Array, " S"], ...], values: Float[Array, " N"]) -> Float[Array, "S N"]:
+        """Log emission densities of one position of every sequence under every state."""
+        mean, rho, nu, eta = (field[:, None] for field in emissions)
+        deviation = values - mean
+        return rho * deviation**2 + nu + eta * deviation
 
     def field_prior(self, field: str, shape: tuple[int, ...], dtype) -> dist.Distribution:
         r"""NumPyro priors: :math:`\mu \sim N(m_0, v_0 / a)`, :math:`\sigma^2 \sim \mathrm{InvGamma}(1 + a, a v_0)`, Dirichlet rows.
@@ -119,13 +131,19 @@ class GaussianHMM(HiddenStates):
         return jnp.sum(-0.5 * params.log_var - spread / (2.0 * jnp.exp(params.log_var)))
 
     def _emission_m_step(
-        self, values: Float[Array, "N L"], occupancy: Float[Array, "K N L S"]
+        self, params: GaussianHMMParams, gradients: tuple[Float[Array, "K S"], ...]
     ) -> tuple[Float[Array, "K S"], Float[Array, "K S"]]:
-        """MAP means and log-variances from the weighted occupancies (module docstring)."""
+        r"""MAP means and log-variances (module docstring) from the centred moments.
+
+        The gradients with respect to :math:`(\rho, \nu, \eta)` (:meth:`_emission_inputs`)
+        are :math:`\sum \gamma (x - \mu)^2`, :math:`N_s = \sum \gamma` and
+        :math:`\sum \gamma (x - \mu)` about the current mean :math:`\mu`.
+        """
         a, m0 = self.pseudo_count, self.prior_mean
-        total = jnp.sum(occupancy, axis=(1, 2)) + a
-        mean = (jnp.einsum("knls,nl->ks", occupancy, values) + a * m0) / total
-        deviation = values[None, :, :, None] - mean[:, None, None]
-        spread = jnp.einsum("knls,knls->ks", occupancy, deviation**2)
-        var = (spread + a * (mean - m0) ** 2 + a * self.prior_variance) / total
-        return mean, jnp.log(var)
+        _, second, occupancy, first = gradients
+        total = occupancy + a
+        step = (first + a * (m0 - params.mean)) / total
+        new_mean = params.mean + step
+        spread = second - 2.0 * step * first + occupancy * step**2  # sum gamma (x - new_mean)^2
+        new_var = (spread + a * (new_mean - m0) ** 2 + a * self.prior_variance) / total
+        return new_mean, jnp.log(new_var)

@@ -19,17 +19,12 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import log_dirichlet, log_normalize
-from mtl_jax.models.sequence_lda.generators.states import (
-    HiddenStates,
-    forward,
-    next_outcome_log_probs,
-)
+from mtl_jax.models.sequence_lda.generators.states import HiddenStates, next_outcome_log_probs
 
 
 class HMMParams(NamedTuple):
@@ -72,43 +67,29 @@ class HMM(HiddenStates):
         """Flat-Dirichlet random emission rows."""
         return (log_dirichlet(key, (num_topics, self.num_states, self.num_symbols)),)
 
-    def _log_obs(self, params: HMMParams, tokens: Int[Array, " L"]) -> Float[Array, "L S"]:
-        r""":math:`\log B_{s x_l}`."""
-        return params.log_emit[:, tokens].T
+    def _log_obs(self, emissions: tuple[Float[Array, "S V"]], tokens: Int[Array, " N"]) -> Float[Array, "S N"]:
+        r""":math:`\log B_{s x_n}`."""
+        return jnp.take(emissions[0], tokens, axis=1)
+
+    def _obs_table(self, emissions: tuple[Float[Array, "S V"]]) -> tuple[Float[Array, "S V"], Float[Array, " V"]]:
+        r"""Each symbol's column of :math:`B` over its largest entry, and that entry's log."""
+        (log_emit,) = emissions
+        top = jnp.max(log_emit, axis=0)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        return jnp.exp(log_emit - top), top
+
+    def _scaled_obs(self, table, tokens: Int[Array, " N"]) -> tuple[Float[Array, "S N"], Float[Array, " N"]]:
+        """A lookup in the scaled table (no ``exp`` per position)."""
+        scaled, top = table
+        return jnp.take(scaled, tokens, axis=1), top[tokens]
 
     def _emission_log_prior(self, params: HMMParams) -> Float[Array, ""]:
         r""":math:`\sum \log B` (the ``Dirichlet(1 + a)`` rows' log-density over ``a``)."""
         return jnp.sum(params.log_emit)
 
-    def _emission_counts(
-        self, tokens: Int[Array, "N L"], occupancy: Float[Array, "K N L S"]
-    ) -> Float[Array, "K S V"]:
-        r""":math:`\sum_{n,l} o_{knls} [x_{nl} = v]` (one ``segment_sum`` over all positions)."""
-        K, S = occupancy.shape[0], occupancy.shape[-1]
-        data = jnp.moveaxis(occupancy, 0, 2).reshape(-1, K * S)
-        counts = jax.ops.segment_sum(data, tokens.reshape(-1), num_segments=self.num_symbols)
-        return counts.T.reshape(K, S, self.num_symbols)
-
-    def _emission_m_step(
-        self, tokens: Int[Array, "N L"], occupancy: Float[Array, "K N L S"]
-    ) -> tuple[Float[Array, "K S V"]]:
-        """Expected emissions plus pseudo-counts, normalised per row."""
-        return (log_normalize(self._emission_counts(tokens, occupancy), self.pseudo_count),)
-
-    def expected_counts(
-        self,
-        params: HMMParams,
-        tokens: Int[Array, "N L"],
-        lengths: Int[Array, " N"],
-        weights: Float[Array, "N K"],
-    ) -> HMMParams:
-        r"""Weighted expected counts of every parameter, per topic (a ``[K, ...]`` pytree).
-
-        :math:`\partial_{\log \theta_k} \sum_n w_{nk} \log P_k(x_n)` (Fisher's identity):
-        the expected initial states, moves and ENDs, and emissions, weighted by ``w``.
-        """
-        init, trans, occupancy = self.state_counts(params, tokens, lengths, weights)
-        return HMMParams(init, trans, self._emission_counts(tokens, occupancy))
+    def _emission_m_step(self, params: HMMParams, gradients: tuple[Float[Array, "K S V"]]) -> tuple[Float[Array, "K S V"]]:
+        """The gradient with respect to :math:`\\log B` is the expected emission counts: plus pseudo-counts, normalised per row."""
+        return (log_normalize(gradients[0], self.pseudo_count),)
 
     def next_symbol_log_probs(
         self, params: HMMParams, tokens: Int[Array, " L"], length: Int[Array, ""]
@@ -120,8 +101,7 @@ class HMM(HiddenStates):
         :math:`P(\mathrm{END}) = \sum_s p(z_j = s \mid x_{1:j}) A_{s,\mathrm{END}}`. Rows
         ``j > length`` repeat row ``length``.
         """
-        log_obs = self._log_obs(params, tokens)
-        _, log_filtered = forward(params.log_init, params.log_trans, log_obs, length, self.halting)
+        log_filtered = self.filtered_log_probs(params, tokens, length)
         log_states, log_end = next_outcome_log_probs(
             params.log_init, params.log_trans, log_filtered, self.halting
         )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.common import (
-    TopicPriors,
+    Generator,
     log_dirichlet,
     log_normalize,
     weighted_counts,
@@ -39,7 +39,7 @@ class MarkovParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Markov(TopicPriors):
+class Markov(Generator):
     """A first-order Markov chain over ``num_symbols`` symbols per topic.
 
     Attributes:

@@ -13,20 +13,20 @@ jointly over the ``S`` moves and END (``W = S + 1`` outcomes per row). So
 a distribution over finite non-empty sequences. With ``halting=False`` rows of :math:`A`
 have ``W = S`` outcomes and there is no END factor (the prefix probability).
 
-The forward pass (:func:`forward`) is a ``lax.scan`` whose carry is the normalised
-filtered distribution :math:`p(z_l \mid x_{1:l})` (Rabiner's scaled forward variables);
-each step emits its normaliser :math:`p(x_l \mid x_{1:l-1})` (which includes the
-probability of not ending), and the sum of their logs is the log-likelihood: stable in
-float32 for long sequences.
+The forward pass (:func:`log_likelihoods`) is a ``lax.scan`` over positions whose carry
+is the normalised filtered distribution :math:`p(z_l \mid x_{1:l})` of a whole batch of
+sequences (Rabiner's scaled forward variables); each step's normaliser
+:math:`p(x_l \mid x_{1:l-1})` (which includes the probability of not ending) adds its log
+to the log-likelihood: stable in float32 for long sequences.
 
 The M-step is one Baum-Welch step whose expected counts are gradients (Fisher's
 identity): for any probability :math:`p` entering the likelihood multiplicatively,
 :math:`\partial \log P(x) / \partial \log p = \mathbb{E}[\#\text{uses of } p \mid x]`;
 in particular the gradient with respect to the log emission density of state ``s`` at
 position ``l`` is the occupancy :math:`\gamma_{ls} = p(z_l = s \mid x)`
-(:meth:`HiddenStates.state_counts`). The new :math:`\pi` and rows of :math:`A` are the
-MAP under ``Dirichlet(1 + a)`` priors (``a = pseudo_count``), and the emission model
-updates from the occupancies.
+(:meth:`HiddenStates.weighted_gradients`). The new :math:`\pi` and rows of :math:`A` are
+the MAP under ``Dirichlet(1 + a)`` priors (``a = pseudo_count``), and the emission model
+updates from the gradients with respect to its parameters.
 """
 
 from __future__ import annotations
@@ -40,135 +40,134 @@ from jax import lax
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
-from mtl_jax.models.sequence_lda.generators.common import TopicPriors, log_dirichlet, log_normalize
+from mtl_jax.models.sequence_lda.generators.common import Generator, log_dirichlet, log_normalize
 
 
-def _scaled_forward(log_init, log_trans, log_obs, length, halting: bool):
-    """The scaled forward pass (see :func:`forward`) and what the backward pass reuses.
-
-    Returns:
-        ``(log_prob, filtered [L, S], norms [L], obs [L, S], end [S])``: the scaled
-        emission densities ``obs`` and the END probabilities ``end`` (ones without halting).
-    """
-    num_states = log_init.shape[-1]
-    move = jnp.exp(log_trans[:, :num_states])
-    tiny = jnp.finfo(log_obs.dtype).tiny
-    # Emission densities in probability space, scaled per position by their largest state
-    # (added back to the log-normaliser): the scan below then needs no exp or log.
-    shift = jnp.max(log_obs, axis=-1, keepdims=True)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    obs = jnp.exp(log_obs - shift)
-
-    def step(filtered, inputs):
-        position, ob = inputs
-        # p(z_l | x_{1:l-1}) = sum_s p(z_{l-1} = s | x_{1:l-1}) A_{s z_l}, then Bayes' rule;
-        # the normaliser (clipped at the smallest normal number for an impossible symbol)
-        # is p(x_l | x_{1:l-1}) up to the shift.
-        predicted = jnp.where(position == 0, jnp.exp(log_init), filtered @ move)
-        joint = predicted * ob
-        norm = jnp.maximum(jnp.sum(joint), tiny)
-        valid = position < length
-        filtered = jnp.where(valid, joint / norm, filtered)
-        return filtered, (jnp.where(valid, norm, 1.0), filtered)
-
-    positions = jnp.arange(log_obs.shape[0])
-    last, (norms, filtered) = lax.scan(step, jnp.exp(log_init), (positions, obs))
-    log_prob = jnp.sum(jnp.log(norms) + jnp.where(positions < length, shift[:, 0], 0.0))
-    end = jnp.exp(log_trans[:, num_states]) if halting else jnp.ones_like(log_init)
-    if halting:
-        log_end = jnp.log(jnp.maximum(last @ end, tiny))
-        log_prob = log_prob + jnp.where(length > 0, log_end, 0.0)
-    return log_prob, filtered, norms, obs, end
-
-
-def forward(
-    log_init: Float[Array, " S"], log_trans: Float[Array, "S W"], log_obs: Float[Array, "L S"],
-    length: Int[Array, ""], halting: bool,
-) -> tuple[Float[Array, ""], Float[Array, "L S"]]:
-    r"""The forward algorithm with a normalised carry, for one sequence.
+def _forward(model, log_init, log_trans, table, xs, lengths):
+    r"""The scaled forward pass over a batch (see :func:`log_likelihoods`), time-major.
 
     Args:
-        log_init: :math:`\log \pi`.
-        log_trans: :math:`\log A` (last column END when ``halting``).
-        log_obs: :math:`\log p(x_l \mid z_l = s)` at each position (any emission model).
-        length: Number of valid positions; later steps are identity updates.
-        halting: Whether to include the END factor of the last state.
+        model: the :class:`HiddenStates` generator (its ``_scaled_obs`` and ``halting``).
+        table: ``model._obs_table(emissions)``.
+        xs: observations ``[L, N]``.
 
     Returns:
-        ``(log P(x_{1:length}), log_filtered)``: the log-likelihood (0 when
-        ``length == 0``) and :math:`\log p(z_l \mid x_{1:l})` per position (rows at
-        ``l >= length`` repeat the last valid row).
+        ``(log_probs [N], filtered [L, S, N], inverse_norms [L, N], end_mass [N])``:
+        the log-likelihoods, the filtered distributions, the inverse normalisers
+        (1 at padding) and :math:`f_{\mathrm{length}}^T e` (1 without halting).
     """
-    log_prob, filtered = _scaled_forward(log_init, log_trans, log_obs, length, halting)[:2]
-    return log_prob, jnp.log(filtered)
+    num_states = log_init.shape[-1]
+    init = jnp.exp(log_init)[:, None]
+    move_t = jnp.exp(log_trans[:, :num_states]).T
+    tiny = jnp.finfo(init.dtype).tiny
+
+    def step(filtered, inputs):
+        position, x = inputs
+        # p(z_l | x_{1:l-1}) = sum_s p(z_{l-1} = s | x_{1:l-1}) A_{s z_l}, then Bayes' rule;
+        # the normaliser (clipped at the smallest normal number for an impossible
+        # observation) is p(x_l | x_{1:l-1}) up to the scale of the emission densities.
+        obs, log_scale = model._scaled_obs(table, x)
+        joint = jnp.where(position == 0, init, move_t @ filtered) * obs
+        inverse = 1.0 / jnp.maximum(jnp.sum(joint, axis=0), tiny)
+        valid = position < lengths
+        filtered = jnp.where(valid, joint * inverse, filtered)
+        log_norm = jnp.where(valid, log_scale - jnp.log(inverse), 0.0)
+        return filtered, (filtered, jnp.where(valid, inverse, 1.0), log_norm)
+
+    start = jnp.broadcast_to(init, (num_states, xs.shape[1]))
+    last, (filtered, inverse, log_norms) = lax.scan(step, start, (jnp.arange(xs.shape[0]), xs))
+    log_probs = jnp.sum(log_norms, axis=0)
+    end_mass = jnp.ones_like(log_probs)
+    if model.halting:
+        end_mass = jnp.maximum(jnp.exp(log_trans[:, num_states]) @ last, tiny)
+        log_probs = log_probs + jnp.where(lengths > 0, jnp.log(end_mass), 0.0)
+    return log_probs, filtered, inverse, end_mass
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def log_likelihood(
-    log_init: Float[Array, " S"], log_trans: Float[Array, "S W"], log_obs: Float[Array, "L S"],
-    length: Int[Array, ""], halting: bool,
-) -> Float[Array, ""]:
-    r""":math:`\log P(x_{1:\mathrm{length}})` (as :func:`forward`), with the backward algorithm as its gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def log_likelihoods(
+    model, log_init: Float[Array, " S"], log_trans: Float[Array, "S W"], emissions: tuple,
+    x: Shaped[Array, "N L"], lengths: Int[Array, " N"],
+) -> Float[Array, " N"]:
+    r""":math:`\log P(x_{n,1:\mathrm{length}_n})` of a batch under one topic, with the backward algorithm as its gradient.
 
-    The gradient is what reverse-mode differentiation of the forward scan gives (Fisher's
-    identity, module docstring), computed by the scaled backward recursion
-    :math:`\hat\beta_{L} = e / (f_L^T e)` (:math:`e` the END column, ones without halting),
-    :math:`\hat\beta_l = A\,(o_{l+1} \odot \hat\beta_{l+1}) / c_{l+1}` with :math:`f_l` the
-    filtered distributions, :math:`o_l` the (scaled) emission densities and :math:`c_l` the
-    normalisers of the forward pass:
+    The forward algorithm (Rabiner's scaled forward variables), one ``lax.scan`` over
+    positions whose carry is the filtered distributions :math:`f_l = p(z_l \mid x_{1:l})`
+    of the whole batch, states by sequences ``[S, N]`` (time-major: a step is a few vector
+    operations over ``N``); each step's normaliser :math:`c_l = p(x_l \mid x_{1:l-1})`
+    (which includes the probability of not ending) contributes :math:`\log c_l`. The
+    emission densities come scaled, :math:`o_l = p(x_l \mid z_l) / m_l` with
+    :math:`\log m_l` added back (``model._scaled_obs``): a table lookup for categorical
+    emissions, so the scan needs no ``exp``. Stable in float32 for long sequences.
+    Padding (``l >= length``) leaves the carry unchanged; ``length == 0`` scores 0.
 
-    * :math:`\partial / \partial \log p(x_l \mid z_l = s) = \gamma_{ls} = f_{ls}\hat\beta_{ls}`;
+    The gradient is what reverse-mode differentiation of the forward scan would give
+    (Fisher's identity, module docstring), computed by the scaled backward recursion
+    :math:`\hat\beta_{L} = e / (f_L^T e)` (:math:`e` the END column, ones without
+    halting), :math:`\hat\beta_l = A\,(o_{l+1} \odot \hat\beta_{l+1}) / c_{l+1}`:
+
+    * the occupancies :math:`\gamma_{ls} = f_{ls}\hat\beta_{ls}`, pulled back through the
+      emission log-densities (``model._log_obs``): for categorical emissions the expected
+      emission counts;
     * :math:`\partial / \partial \log \pi_s = \gamma_{1s}`;
     * :math:`\partial / \partial \log A_{ss'} = \sum_l f_{ls} A_{ss'} o_{l+1,s'}\hat\beta_{l+1,s'} / c_{l+1}`
       and :math:`\partial / \partial \log A_{s,\mathrm{END}} = f_{Ls} e_s / (f_L^T e)`.
 
-    One backward scan of vector operations replaces the transposed forward scan (2x faster
-    for the E-step); it accumulates the expected moves in its carry and emits the weighted
-    occupancies directly, the only ``[L, S]`` array it writes (the E-step is bound by
-    memory traffic on a CPU). First derivatives only (no forward-mode or second
-    derivatives).
+    The backward scan accumulates the expected moves in its carry. First derivatives
+    only (no forward-mode or second derivatives).
+
+    Args:
+        model: the :class:`HiddenStates` generator; static.
+        log_init: :math:`\log \pi`.
+        log_trans: :math:`\log A` (last column END when ``model.halting``).
+        emissions: the emission fields of one topic's parameters.
+        x: observations, padded.
+        lengths: valid positions per sequence.
     """
-    return _scaled_forward(log_init, log_trans, log_obs, length, halting)[0]
+    return _forward(model, log_init, log_trans, model._obs_table(emissions), x.T, lengths)[0]
 
 
-def _log_likelihood_fwd(log_init, log_trans, log_obs, length, halting):
-    log_prob, filtered, norms, obs, end = _scaled_forward(log_init, log_trans, log_obs, length, halting)
-    return log_prob, (log_trans, filtered, norms, obs, end, length)
+def _log_likelihoods_fwd(model, log_init, log_trans, emissions, x, lengths):
+    xs = x.T
+    table = model._obs_table(emissions)
+    log_probs, filtered, inverse, end_mass = _forward(model, log_init, log_trans, table, xs, lengths)
+    return log_probs, (log_trans, emissions, table, xs, lengths, filtered, inverse, end_mass)
 
 
-def _log_likelihood_bwd(halting, residuals, cotangent):
-    log_trans, filtered, norms, obs, end, length = residuals
-    num_states = filtered.shape[-1]
+def _log_likelihoods_bwd(model, residuals, cotangent):
+    log_trans, emissions, table, xs, lengths, filtered, inverse, end_mass = residuals
+    num_states = filtered.shape[1]
     move = jnp.exp(log_trans[:, :num_states])
-    tiny = jnp.finfo(filtered.dtype).tiny
-    last_valid = jnp.maximum(length - 1, 0)
-    f_last = jax.lax.dynamic_index_in_dim(filtered, last_valid, keepdims=False)
-    end_mass = jnp.maximum(f_last @ end, tiny)
-    beta_last = end / end_mass
+    end = jnp.exp(log_trans[:, num_states]) if model.halting else jnp.ones(num_states, move.dtype)
+    last_valid = jnp.maximum(lengths - 1, 0)
+    beta_last = end[:, None] * (cotangent / end_mass)
 
     def step(carry, inputs):
-        # message = o_{l+1} * beta_{l+1} / c_{l+1}, from the position after this one (zero
-        # past the end); moves accumulates sum_{l' >= l} f_{l'} (x) message_{l'+1}
+        # message = o_{l+1} * beta_{l+1} / c_{l+1} from the position after this one (zero
+        # past the end, where beta is 0); moves accumulates sum_{l' >= l} f_{l'} message_{l'}^T
         message, moves = carry
-        position, ob, norm, filtered_here = inputs
+        position, x, inverse_here, filtered_here = inputs
         beta = jnp.where(position == last_valid, beta_last, move @ message)
-        beta = jnp.where(position < length, beta, 0.0)
-        moves = moves + filtered_here[:, None] * message[None, :]
-        message = jnp.where(position < length, ob * beta / norm, message)
-        return (message, moves), cotangent * filtered_here * beta
+        beta = jnp.where(position < lengths, beta, 0.0)
+        moves = moves + filtered_here @ message.T
+        message = model._scaled_obs(table, x)[0] * inverse_here * beta
+        return (message, moves), filtered_here * beta
 
-    positions = jnp.arange(filtered.shape[0])
-    start = (jnp.zeros_like(end), jnp.zeros_like(move))
-    (_, moves), weighted_occupancy = lax.scan(step, start, (positions, obs, norms, filtered), reverse=True)
+    positions = jnp.arange(xs.shape[0])
+    start = (jnp.zeros_like(filtered[0]), jnp.zeros_like(move))
+    (_, moves), occupancy = lax.scan(step, start, (positions, xs, inverse, filtered), reverse=True)
     grad_trans = move * moves
-    if halting:
-        grad_end = jnp.where(length > 0, f_last * end / end_mass, 0.0)
+    if model.halting:
+        f_last = jnp.take_along_axis(filtered, last_valid[None, None, :], axis=0)[0]
+        grad_end = f_last @ jnp.where(lengths > 0, cotangent / end_mass, 0.0) * end
         grad_trans = jnp.concatenate([grad_trans, grad_end[:, None]], axis=1)
+    log_obs = lambda emissions: jax.vmap(model._log_obs, (None, 0))(emissions, xs)  # noqa: E731
+    (grad_emissions,) = jax.vjp(log_obs, emissions)[1](occupancy)
     # occupancies are zero at padding (beta = 0 there), so position 0 of an empty sequence too
-    return weighted_occupancy[0], cotangent * grad_trans, weighted_occupancy, None
+    return jnp.sum(occupancy[0], axis=1), grad_trans, grad_emissions, None, None
 
 
-log_likelihood.defvjp(_log_likelihood_fwd, _log_likelihood_bwd)
+log_likelihoods.defvjp(_log_likelihoods_fwd, _log_likelihoods_bwd)
 
 
 def next_outcome_log_probs(
@@ -193,27 +192,35 @@ def next_outcome_log_probs(
     )
 
 
-class HiddenStates(TopicPriors):
+class HiddenStates(Generator):
     r"""The state process of an HMM topic; a subclass (a frozen dataclass) adds its emissions.
 
     The subclass declares the fields ``num_states`` (``S``), ``halting`` and
     ``pseudo_count`` (``a``), a parameter NamedTuple ``params_type`` whose first two fields
-    are ``log_init [K, S]`` and ``log_trans [K, S, W]`` and whose others are the
-    emission parameters, and the emission model:
+    are ``log_init [K, S]`` and ``log_trans [K, S, W]`` and whose others, the
+    *emissions*, parametrise the emission model:
 
-    ``_log_obs(params_one_topic, x [L]) -> [L, S]``
-        :math:`\log p(x_l \mid z_l = s)`.
+    ``_emission_inputs(params_one_topic) -> tuple`` (optional)
+        The arrays the emission log-densities are computed from (default: the emission
+        fields), chosen so that the gradients with respect to them are the statistics
+        the emission M-step needs.
+    ``_log_obs(emission_inputs, x [N]) -> [S, N]``
+        :math:`\log p(x_n \mid z = s)` at one position of a batch.
+    ``_obs_table(emission_inputs)``, ``_scaled_obs(table, x [N]) -> ([S, N], [N])``
+        (optional) The densities scaled by a per-observation factor and that factor's
+        log; the default exponentiates ``_log_obs`` shifted by its largest state.
     ``_init_emissions(key, num_topics) -> tuple``
         Random emission parameters.
     ``_emission_parameters`` (property)
         Free emission parameters of one topic.
     ``_emission_log_prior(params) -> scalar``
         Log of the emission prior divided by ``a``, up to a constant.
-    ``_emission_m_step(x [N, L], occupancy [K, N, L, S]) -> tuple``
-        The emission parameters' MAP from the weighted occupancies.
+    ``_emission_m_step(params, gradients) -> tuple``
+        The emissions' MAP from the gradients of the weighted log-likelihood with respect
+        to the emission inputs (topic axis ``[K, ...]`` throughout).
 
-    This class supplies the generator interface (``init``, ``log_prob``, ``log_prior``,
-    ``m_step``, ``num_parameters``) around them.
+    This class supplies the generator interface (``init``, ``log_prob``, ``log_probs``,
+    ``log_prior``, ``m_step``, ``num_parameters``) around them.
     """
 
     num_states: int
@@ -242,10 +249,34 @@ class HiddenStates(TopicPriors):
             *self._init_emissions(keys[2], K),
         )
 
+    def _emission_inputs(self, params) -> tuple:
+        """The emission fields of one topic's parameters."""
+        return tuple(params[2:])
+
+    def _obs_table(self, emissions: tuple):
+        """What :meth:`_scaled_obs` reads, computed once per pass (default: the emissions)."""
+        return emissions
+
+    def _scaled_obs(self, table, x: Shaped[Array, " N"]) -> tuple[Float[Array, "S N"], Float[Array, " N"]]:
+        """Densities divided by their largest state, and that state's log-density."""
+        log_obs = self._log_obs(table, x)
+        shift = jnp.max(log_obs, axis=0)
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        return jnp.exp(log_obs - shift), shift
+
+    def log_probs(self, params, x: Shaped[Array, "N L"], lengths: Int[Array, " N"]) -> Float[Array, " N"]:
+        """Log-probabilities (densities) of a batch of sequences under one topic (:func:`log_likelihoods`)."""
+        return log_likelihoods(self, params[0], params[1], self._emission_inputs(params), x, lengths)
+
     def log_prob(self, params, x: Shaped[Array, " L"], length: Int[Array, ""]) -> Float[Array, ""]:
         """Log-probability (density) of one sequence (its first ``length`` entries), one topic."""
-        log_obs = self._log_obs(params, x)
-        return log_likelihood(params.log_init, params.log_trans, log_obs, length, self.halting)
+        return self.log_probs(params, x[None], jnp.reshape(length, (1,)))[0]
+
+    def filtered_log_probs(self, params, x: Shaped[Array, " L"], length: Int[Array, ""]) -> Float[Array, "L S"]:
+        r""":math:`\log p(z_l \mid x_{1:l})` of one sequence, one topic (rows ``l >= length`` repeat the last valid one)."""
+        table = self._obs_table(self._emission_inputs(params))
+        filtered = _forward(self, params[0], params[1], table, x[:, None], jnp.reshape(length, (1,)))[1]
+        return jnp.log(filtered[:, :, 0])
 
     def log_prior(self, params) -> Float[Array, ""]:
         r"""Log of the prior the M-step's MAP maximises, up to a constant.
@@ -258,32 +289,30 @@ class HiddenStates(TopicPriors):
         states = jnp.sum(params.log_init) + jnp.sum(params.log_trans)
         return self.pseudo_count * (states + self._emission_log_prior(params))
 
-    def state_counts(
-        self, params, x: Shaped[Array, "N L"], lengths: Int[Array, " N"],
-        weights: Float[Array, "N K"],
-    ) -> tuple[Float[Array, "K S"], Float[Array, "K S W"], Float[Array, "K N L S"]]:
-        r"""Weighted expected initial states, moves/ENDs and state occupancies, per topic.
+    def weighted_gradients(
+        self, params, x: Shaped[Array, "N L"], lengths: Int[Array, " N"], weights: Float[Array, "N K"],
+    ) -> tuple:
+        r"""The gradients of :math:`\sum_n w_{nk} \log P_k(x_n)`, per topic.
 
-        The gradients of :math:`\sum_n w_{nk} \log P_k(x_n)` (:func:`forward`) with respect
-        to :math:`\log \pi_k`, :math:`\log A_k` and the log emission densities (Fisher's
-        identity, module docstring).
+        With respect to :math:`\log \pi_k`, :math:`\log A_k` and the emission inputs
+        (``_emission_inputs``). By Fisher's identity (module docstring) the first two are
+        the weighted expected initial states :math:`\sum_n w_{nk} p(z_1 = s \mid x_n)`
+        ``[K, S]`` and moves and ENDs :math:`\sum_n w_{nk} \mathbb{E}[\#(s \to s') \mid x_n]`
+        ``[K, S, W]``; the others are the occupancies pulled back through the emission
+        log-densities (for categorical emissions the expected emission counts ``[K, S, V]``).
 
         Returns:
-            Per topic: :math:`\sum_n w_{nk} p(z_1 = s \mid x_n)` ``[K, S]``, the expected
-            moves and ENDs :math:`\sum_n w_{nk} \mathbb{E}[\#(s \to s') \mid x_n]`
-            ``[K, S, W]``, and the occupancies :math:`w_{nk} \gamma_{nls}` ``[K, N, L, S]``
-            (0 at padding).
+            ``(init, trans, *emission_gradients)``.
         """
-        log_obs = jax.vmap(jax.vmap(self._log_obs, (None, 0)), (0, None))(params, x)
-
-        def objective(log_init, log_trans, log_obs_one, weights_one):
-            log_probs = jax.vmap(log_likelihood, (None, None, 0, 0, None))(
-                log_init, log_trans, log_obs_one, lengths, self.halting
-            )
+        def objective(log_init, log_trans, emissions, weights_one):
+            log_probs = log_likelihoods(self, log_init, log_trans, emissions, x, lengths)
             return jnp.sum(weights_one * log_probs)
 
-        grad = jax.vmap(jax.grad(objective, argnums=(0, 1, 2)))
-        return grad(params.log_init, params.log_trans, log_obs, weights.T)
+        emissions = jax.vmap(self._emission_inputs)(params)
+        init, trans, emission_gradients = jax.vmap(jax.grad(objective, argnums=(0, 1, 2)))(
+            params.log_init, params.log_trans, emissions, weights.T
+        )
+        return init, trans, *emission_gradients
 
     def m_step(
         self, params, x: Shaped[Array, "N L"], lengths: Int[Array, " N"],
@@ -293,10 +322,10 @@ class HiddenStates(TopicPriors):
 
         :math:`\pi_k \propto a + \mathbb{E}[\text{initial states}]`,
         :math:`A_{k,s\cdot} \propto a + \mathbb{E}[\text{moves and END from } s]`, and the
-        emissions' MAP from the occupancies (``_emission_m_step``).
+        emissions' MAP (``_emission_m_step``) from their gradients.
         """
-        init, trans, occupancy = self.state_counts(params, x, lengths, weights)
+        init, trans, *emission_gradients = self.weighted_gradients(params, x, lengths, weights)
         a = self.pseudo_count
         return self.params_type(
-            log_normalize(init, a), log_normalize(trans, a), *self._emission_m_step(x, occupancy)
+            log_normalize(init, a), log_normalize(trans, a), *self._emission_m_step(params, tuple(emission_gradients))
         )
