@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import norm
 
 from support import run_main
 
@@ -93,3 +95,58 @@ def test_fit_without_sequence_option_exits_2(tmp_path):
     result = run_main(argv)
     assert result.status == 2 and "--sequence" in result.err
     assert not (tmp_path / "fit.json").exists()
+
+
+def hmm_probability(init: np.ndarray, trans: np.ndarray, densities: np.ndarray) -> float:
+    """P(sequence) under a halting HMM, by enumerating every hidden path (``densities [L, S]``)."""
+    total = 0.0
+    for path in itertools.product(range(len(init)), repeat=len(densities)):
+        p = init[path[0]] * trans[path[-1], -1]
+        for position, state in enumerate(path):
+            p *= densities[position, state]
+            if position:
+                p *= trans[path[position - 1], state]
+        total += p
+    return total
+
+
+@pytest.mark.parametrize("generator", ["hmm", "gaussian-hmm"])
+def test_hmm_topics_fit_and_score_through_the_cli(generator, tmp_path):
+    """``--generator hmm`` on strings and ``gaussian-hmm`` on ``--tokens numbers``: the scores
+    are the task mixtures of path-enumerated HMM probabilities of the saved topics."""
+    frame = training_frame()
+    new = pd.DataFrame({"task": ["C", "Z", "A"], "seq": ["bba", "ab", "aab"]})
+    tokens = "chars"
+    if generator == "gaussian-hmm":  # the same strings as numbers: a -> -1, b -> +1, plus noise
+        rng = np.random.default_rng(1)
+        for table in (frame, new):
+            table["seq"] = [" ".join(f"{(1.0 if c == 'b' else -1.0) + 0.3 * rng.normal():.4f}" for c in s)
+                            for s in table["seq"]]
+        tokens = "numbers"
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    new.to_csv(tmp_path / "new.csv", index=False)
+    options = [generator if a == "markov" else a for a in FIT]
+    result = run_main(["fit", str(tmp_path / "train.csv"), *options, "--states", "2", "--tokens", tokens,
+                       "--out", str(tmp_path / "fit.json")])
+    assert result.status == 0, result.err
+    result = run_main(["score", str(tmp_path / "fit.json"), str(tmp_path / "new.csv"),
+                       "--out", str(tmp_path / "scores.csv")])
+    assert result.status == 0, result.err
+    scores = pd.read_csv(tmp_path / "scores.csv", dtype={"seq": str})
+
+    saved = json.loads((tmp_path / "fit.json").read_text())
+    topics = {name: np.asarray(value) for name, value in saved["topics"].items()}
+    alpha = np.asarray(saved["alpha"])
+    weights = {**{task: np.asarray(p) for task, p in saved["topic_proportions"].items()}, "Z": alpha / alpha.sum()}
+    expected = []
+    for task, sequence in zip(new["task"], new["seq"]):
+        if generator == "hmm":
+            ids = [saved["labels"]["alphabet"].index(c) for c in sequence]
+            densities = [topics["emit"][k][:, ids].T for k in range(len(alpha))]
+        else:
+            x = np.asarray(sequence.split(), float)[:, None]
+            densities = [norm.pdf(x, topics["mean"][k], np.sqrt(topics["var"][k])) for k in range(len(alpha))]
+        expected.append(np.log(sum(weights[task][k] * hmm_probability(topics["init"][k], topics["trans"][k], densities[k])
+                                   for k in range(len(alpha)))))
+    np.testing.assert_allclose(scores["loglik"], expected, rtol=1e-5)
+    assert ("next_correct" in scores) == (generator == "hmm")

@@ -181,3 +181,27 @@ def test_long_format_errors_name_row_and_task():
         SequenceData.from_long(frame, task="task", sequence_id="seq", position="pos", value="value")
     with pytest.raises(DataError, match=r"unknown column 'v'"):
         SequenceData.from_long(_long_frame(), task="task", sequence_id="seq", position="pos", value="v")
+
+
+def test_number_strings_are_real_valued_sequences():
+    frame = pd.DataFrame({"task": ["x", "x", "y", "x"], "seq": ["0.1 0.2 0.3", "-1", "4e0  5", "0.1 0.2 0.3"]})
+    data = SequenceData.from_frame(frame, task="task", sequence="seq", tokens="numbers")
+    assert data.tokens is None and data.alphabet is None and data.task_names == ("x", "y")
+    np.testing.assert_allclose(data.values[0, :3], [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(data.values[1, :1], [-1.0])
+    np.testing.assert_allclose(data.values[2, :2], [4.0, 5.0])
+    np.testing.assert_array_equal(data.lengths[:4], [3, 1, 2, 0])
+    np.testing.assert_array_equal(data.counts[:4], [2, 1, 1, 0])
+    np.testing.assert_array_equal(data.source_row, [0, 1, 2, 0])
+    listed = SequenceData.from_lists({"x": ["0.1 0.2 0.3", [-1.0], "0.1 0.2 0.3"], "y": ["4 5"]}, tokens="numbers")
+    np.testing.assert_array_equal(listed.values, data.values)
+
+
+@pytest.mark.parametrize("bad", ["0.1 abc", "0.1 nan", "inf"])
+def test_number_strings_errors_name_row_task_and_item(bad):
+    frame = pd.DataFrame({"task": ["x", "y"], "seq": ["1 2", bad]})
+    item = bad.split()[-1]
+    with pytest.raises(DataError, match=rf"'{item}' at position \d of the sequence at row 1 \(task 'y'\) is not a finite number"):
+        SequenceData.from_frame(frame, task="task", sequence="seq", tokens="numbers")
+    with pytest.raises(DataError, match="alphabet was given"):
+        SequenceData.from_frame(frame.iloc[:1], task="task", sequence="seq", tokens="numbers", alphabet=["1", "2"])

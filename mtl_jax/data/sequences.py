@@ -23,6 +23,8 @@ Encoding rules:
   distinct sequences rounded up to a multiple of ``max(8, 2**(b - 4))`` where ``b`` is its
   bit length (at most 1/8 padding, about eight row buckets per doubling). Padding rows
   have ``lengths == 0``, ``counts == 0`` and task 0, so any count-weighted sum ignores them.
+* ``tokens="numbers"`` reads each string as whitespace-separated real numbers: real-valued
+  sequences (``values``, no alphabet), as :meth:`SequenceData.from_long` makes them.
 * The alphabet is the sorted set of training symbols unless given (a tuple, or a file of
   one symbol per line, see :func:`read_alphabet`). Tasks are numbered in order of first
   appearance unless ``task_names`` are given; then listed tasks keep their ids and tasks
@@ -43,7 +45,7 @@ from jaxtyping import Array, Float, Int
 
 from mtl_jax.data.tabular import DataError, _floats, _label, _labels, _require_columns, _where
 
-Tokenizer = Literal["chars", "whitespace"]
+Tokenizer = Literal["chars", "whitespace", "numbers"]
 
 
 def bucket_length(n: int) -> int:
@@ -126,7 +128,8 @@ class SequenceData(eqx.Module):
         """Encodes ``{task: [sequence, ...]}``; a sequence is a string or a list of symbols.
 
         Strings are split by ``tokens`` (``"chars"``: one symbol per character,
-        ``"whitespace"``: whitespace-separated symbols); list items become ``str`` symbols.
+        ``"whitespace"``: whitespace-separated symbols, ``"numbers"``: whitespace-separated
+        real numbers); list items become ``str`` symbols (numbers with ``"numbers"``).
         Errors name a sequence as ``"sequence j of task 'A'"``. Other arguments are those
         of :meth:`from_frame`.
         """
@@ -135,7 +138,7 @@ class SequenceData(eqx.Module):
             for name, task_sequences in sequences.items()
             for j, sequence in enumerate(task_sequences)
         ]
-        return _encode_discrete(records, alphabet, task_names, deduplicate, allow_empty_tasks)
+        return _encode_split(records, tokens, alphabet, task_names, deduplicate, allow_empty_tasks)
 
     @classmethod
     def from_frame(
@@ -156,7 +159,8 @@ class SequenceData(eqx.Module):
             frame: The data.
             task: Column of task labels.
             sequence: Column of sequences, split into symbols by ``tokens``.
-            tokens: ``"chars"`` (one symbol per character) or ``"whitespace"``.
+            tokens: ``"chars"`` (one symbol per character), ``"whitespace"``, or
+                ``"numbers"`` (whitespace-separated real numbers: real-valued data).
             alphabet: The symbols in id order (a sequence, or the path of a file read by
                 :func:`read_alphabet`); None infers the sorted set of symbols present.
             task_names: Known tasks in id order (the training tasks); tasks of ``frame``
@@ -169,8 +173,9 @@ class SequenceData(eqx.Module):
 
         Raises:
             DataError: Naming the column, row, task or symbol, for a missing column or
-                value, an empty sequence, a symbol outside a given alphabet, or (unless
-                ``allow_empty_tasks``) a listed task without sequences.
+                value, an empty sequence, a symbol outside a given alphabet, a number that
+                does not parse or is not finite, or (unless ``allow_empty_tasks``) a
+                listed task without sequences.
         """
         _require_columns(frame, (task, sequence))
         if len(frame) == 0:
@@ -187,7 +192,7 @@ class SequenceData(eqx.Module):
             (label, _symbols(_label(raw), tokens), _where(frame, position, task_labels))
             for position, (label, raw) in enumerate(zip(task_labels, frame[sequence]))
         ]
-        return _encode_discrete(records, alphabet, task_names, deduplicate, allow_empty_tasks)
+        return _encode_split(records, tokens, alphabet, task_names, deduplicate, allow_empty_tasks)
 
     @classmethod
     def from_csv(
@@ -275,9 +280,35 @@ def _symbols(sequence: str | Sequence[Any], tokens: Tokenizer) -> list[str]:
         return [_label(symbol) for symbol in sequence]
     if tokens == "chars":
         return list(sequence)
-    if tokens == "whitespace":
+    if tokens in ("whitespace", "numbers"):
         return sequence.split()
-    raise ValueError(f"tokens must be 'chars' or 'whitespace', not {tokens!r}")
+    raise ValueError(f"tokens must be 'chars', 'whitespace' or 'numbers', not {tokens!r}")
+
+
+def _encode_split(
+    records: list[tuple[str, list[str], str]],
+    tokens: Tokenizer,
+    alphabet: Sequence[str] | str | Path | None,
+    task_names: Sequence[Any] | None,
+    deduplicate: bool,
+    allow_empty_tasks: bool,
+) -> SequenceData:
+    """Encodes split sequences: symbols against an alphabet, or real numbers (``tokens="numbers"``)."""
+    if tokens != "numbers":
+        return _encode_discrete(records, alphabet, task_names, deduplicate, allow_empty_tasks)
+    if alphabet is not None:
+        raise DataError("an alphabet was given, but tokens='numbers' reads real-valued sequences")
+    encoded = []
+    for label, items, where in records:
+        if not items:
+            raise DataError(f"empty sequence at {where}")
+        values = pd.to_numeric(pd.Series(items, dtype=object), errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise DataError(f"{items[j]!r} at position {j} of the sequence at {where} is not a finite number")
+        encoded.append((label, values, where))
+    return _encode(encoded, None, task_names, deduplicate, allow_empty_tasks, np.float64)
 
 
 def _encode_discrete(

@@ -80,7 +80,8 @@ class SequenceModel:
         observations = GENERATORS[self.generator].observations
         if (alphabet is None) != (observations == "values"):
             kind = "real-valued" if alphabet is None else "discrete (tokens)"
-            raise ValueError(f"generator {self.generator!r} reads {observations}, but the data are {kind}")
+            hint = " (real-valued sequences: tokens='numbers', or SequenceData.from_long)" if alphabet is not None else ""
+            raise ValueError(f"generator {self.generator!r} reads {observations}, but the data are {kind}{hint}")
         if self.generator == "gaussian-hmm":
             return GaussianHMM(self.num_states, halting, a)
         V = len(alphabet)
@@ -223,8 +224,9 @@ class SequenceModel:
         group.add_argument("--sequence", required=True, metavar="COL", help="column holding the sequences")
         group.add_argument("--alphabet", type=Path, metavar="FILE", default=None,
                            help="symbols in id order, one per line (default: the sorted symbols of the data)")
-        group.add_argument("--tokens", choices=("chars", "whitespace"), default="chars",
-                           help="how a sequence splits into symbols (default: chars)")
+        group.add_argument("--tokens", choices=("chars", "whitespace", "numbers"), default="chars",
+                           help="how a sequence splits into symbols (default: chars); numbers: "
+                                "whitespace-separated real numbers, for --generator gaussian-hmm")
 
     def data_from_frame(self, frame, args: argparse.Namespace | None = None, *, labels: dict | None = None,
                         schema=None, require_response: bool = False) -> SequenceData:
