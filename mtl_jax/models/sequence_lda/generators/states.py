@@ -161,7 +161,9 @@ def _log_likelihoods_bwd(model, residuals, cotangent):
         f_last = jnp.take_along_axis(filtered, last_valid[None, None, :], axis=0)[0]
         grad_end = f_last @ jnp.where(lengths > 0, cotangent / end_mass, 0.0) * end
         grad_trans = jnp.concatenate([grad_trans, grad_end[:, None]], axis=1)
-    log_obs = lambda emissions: jax.vmap(model._log_obs, (None, 0))(emissions, xs)  # noqa: E731
+    def log_obs(emissions):
+        return jax.vmap(model._log_obs, (None, 0))(emissions, xs)
+
     (grad_emissions,) = jax.vjp(log_obs, emissions)[1](occupancy)
     # occupancies are zero at padding (beta = 0 there), so position 0 of an empty sequence too
     return jnp.sum(occupancy[0], axis=1), grad_trans, grad_emissions, None, None
