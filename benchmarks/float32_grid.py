@@ -167,7 +167,7 @@ def run_cell(args, g: int, num_tasks: int, ratio: float, rng: np.random.Generato
     diffs = {
         "fixed": _worst_relative(_fixed(p32), _fixed(p64), 1e-3),
         "Sigma": _worst_relative(p32.component_cov, p64.component_cov, variance_scale),
-        "phi": _worst_relative(p32.component_var, p64.component_var, variance_scale),
+        "phi": _worst_relative(p32.component_effects_cov[:, 0], p64.component_effects_cov[:, 0], variance_scale),
         "Lambda": _worst_relative(np.diagonal(p32.mixing_cov), np.diagonal(p64.mixing_cov), variance_scale)
         if g > 1 else None,
     }
@@ -204,7 +204,7 @@ def _fixed(params) -> np.ndarray:
 
 def _variances(params) -> np.ndarray:
     """``Sigma``, ``phi`` and the diagonal of ``Lambda``, flattened."""
-    return np.concatenate([np.ravel(params.component_cov), np.ravel(params.component_var),
+    return np.concatenate([np.ravel(params.component_cov), np.ravel(params.component_effects_cov),
                            np.diagonal(np.asarray(params.mixing_cov))])
 
 

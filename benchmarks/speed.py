@@ -252,9 +252,10 @@ def simulate_lmm(key, num_tasks: int, n_per_task: int, dtype) -> MixtureDesign:
         component_coef=jnp.asarray(TABLE1_W[:1, :, None], dtype),
         component_cov=jnp.full((1, 1, 1), 0.5, dtype),
         mixing_cov=jnp.zeros((0, 0), dtype),
-        component_var=jnp.ones((1, 1), dtype),
+        component_effects_cov=jnp.ones((1, 1, 1), dtype),
         mixing_effects=jnp.zeros((num_tasks, 0), dtype),
-        component_effects=jnp.zeros((num_tasks, 1, 1), dtype),
+        component_effects=jnp.zeros((num_tasks, 1, 1, 1), dtype),
+        class_logits=jnp.zeros((num_tasks, 1), dtype),
     )
     key_effects, key_x, key_y = jax.random.split(key, 3)
     params = model.sample_effects(key_effects, params, num_tasks)
@@ -283,7 +284,7 @@ def _statsmodels_peer(args, key, dtype) -> dict:
     )
     fixed = np.max(np.abs(np.asarray(reference.fe_params) - np.asarray(result.params.component_coef[0, :, 0])))
     variances = np.array([float(np.asarray(reference.cov_re).ravel()[0]), float(reference.scale)])
-    ours_variances = np.array([float(result.params.component_var[0, 0]), float(result.params.component_cov[0, 0, 0])])
+    ours_variances = np.array([float(result.params.component_effects_cov[0, 0, 0]), float(result.params.component_cov[0, 0, 0])])
     return {
         "ours": {
             **_rates(ours_seconds, 1, int(result.n_iter)), **_first_run(ours), "converged": bool(result.converged)

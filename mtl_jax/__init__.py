@@ -6,11 +6,14 @@ Public API::
     data = TaskData.from_csv("scores.csv", task="school", response="score", covariates=[...])
     result = fit(MixtureGLMM(num_components=2), data, method="em")   # or "svi", "nuts"
     result.summary(); result.predict(new_frame); result.score(new_frame); result.save("fit.json")
+    selection = select_components(MixtureGLMM(num_components=1), data, components=range(1, 5))  # by BIC
+    selection.table; selection.best
 """
 
 from mtl_jax.data import DataError, TaskData, data_dir, train_test_split_by_task
 from mtl_jax.infer.fit import FitWarning, fit
 from mtl_jax.infer.results import Fit
+from mtl_jax.infer.selection import Selection, select_components
 from mtl_jax.models import MODELS, model_class
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
@@ -25,6 +28,7 @@ __all__ = [
     "MixtureGLMM",
     "MixtureParams",
     "MixturePriors",
+    "Selection",
     "SequenceData",
     "SequenceLDA",
     "SequenceLDAParams",
@@ -34,6 +38,7 @@ __all__ = [
     "data_dir",
     "fit",
     "model_class",
+    "select_components",
     "train_test_split_by_task",
 ]
 __version__ = "0.2.0"

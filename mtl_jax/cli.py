@@ -1,12 +1,15 @@
-"""Command-line interface: ``mtl-jax run | fit | predict | score``.
+"""Command-line interface: ``mtl-jax run | fit | predict | score | plot``.
 
 ::
 
     mtl-jax run configs/simulation_study.yaml [--out-dir results]
     mtl-jax fit scores.csv --model mixture-glmm --task school --response score \\
         --covariates x1 x2 --components 2 --method em --out fit.json
+    mtl-jax fit scores.csv ... --components 1 2 3 4 --method em --out fit.json   # choose g by BIC
     mtl-jax predict fit.json new_scores.csv --out predictions.csv
     mtl-jax score fit.json new_scores.csv --out scores.csv
+    mtl-jax plot fit.json --kind random-effects --out effects.png
+    mtl-jax plot em.json svi.json nuts.json --kind compare --out compare.png
 
 ``run`` executes a paper experiment described by a YAML file; ``fit`` fits any
 registered model (``--model``, default ``mixture-glmm``; each model adds its own options)
@@ -15,6 +18,17 @@ with any of its backends (``--method``) and saves the :class:`mtl_jax.Fit` as JS
 ``score`` appends ``loglik``, each row's natural-log predictive density, then any per-row
 columns the model adds (sequence-lda: ``next_correct``, ``next_total``). Rows of tasks not
 seen in training get population-level answers (their random effects integrated out).
+``plot`` draws a figure of :mod:`mtl_jax.plots` from saved fits as PNG (``--kind
+random-effects | trajectories | trace | compare``; ``compare`` takes several fit files,
+labelled by their method; ``trajectories`` needs ``--data CSV --time COL``).
+
+Several ``--components`` values (a model with a ``num_components`` field) fit the model
+once per value (:func:`mtl_jax.select_components`), print the table of ``g``, loglik, BIC
+and convergence, save the fit with the smallest BIC to ``--out`` (an ordinary fit file,
+so ``predict`` and ``score`` take it as it is), and write the table beside it as
+``<out stem>.selection.json``: ``{"criterion": "bic", "best": g, "table": [{"g",
+"loglik", "bic", "num_parameters", "converged", "n_iter", "warnings"}, ...]}``. One value
+is a single fit.
 
 Every backend's options are listed by ``mtl-jax fit --help`` (from
 :data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM ``--n-init --max-iter --tol``; SVI
@@ -32,6 +46,7 @@ A failed fit writes nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,10 +58,12 @@ import yaml
 import mtl_jax
 from mtl_jax.infer.fit import BACKEND_OPTIONS, BACKENDS, FitWarning, fit
 from mtl_jax.infer.results import Fit
+from mtl_jax.infer.selection import candidate_models, select_components
 from mtl_jax.models.protocol import MODELS, model_class, supports
 
 PROG = "mtl-jax"
 DEFAULT_MODEL = "mixture-glmm"
+PLOT_KINDS = ("random-effects", "trajectories", "trace", "compare")
 
 
 class FitFailed(RuntimeError):
@@ -136,6 +153,26 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
                          + (" and the response" if name == "score" else ""))
         sub.add_argument("--out", required=True, type=Path, help="output CSV file")
         sub.set_defaults(command=action)
+
+    plot = commands.add_parser(
+        "plot", help="draw a figure of saved fit(s) as PNG",
+        description="Draw a figure of saved fit(s) (mtl_jax.plots): random-effects (predicted task effects with "
+                    "intervals), trajectories (each task's response over time by most probable class; needs "
+                    "--data and --time), trace (EM objective or SVI loss per iteration), compare (the "
+                    "parameters of several fits side by side, labelled by method).",
+    )
+    plot.add_argument("fits", type=Path, nargs="+", metavar="FIT", help="JSON file(s) written by 'mtl-jax fit' "
+                      "(several for --kind compare)")
+    plot.add_argument("--kind", required=True, choices=PLOT_KINDS, help="which figure")
+    plot.add_argument("--out", required=True, type=Path, help="output PNG file")
+    plot.add_argument("--part", choices=("component", "mixing"), default=None,
+                      help="[random-effects] which effects (default: component)")
+    plot.add_argument("--level", type=float, default=0.95, help="[random-effects, compare] interval level "
+                      "(default: 0.95)")
+    plot.add_argument("--data", type=Path, metavar="CSV", help="[trajectories] CSV file of the tasks' rows")
+    plot.add_argument("--time", metavar="COL", help="[trajectories] column on the x axis")
+    plot.add_argument("--response", metavar="COL", help="[trajectories] response column (default: the fit's first)")
+    plot.set_defaults(command=_plot)
     return parser
 
 
@@ -152,7 +189,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    """``mtl-jax fit``: encodes the CSV, fits, saves the JSON and prints a summary."""
+    """``mtl-jax fit``: encodes the CSV, fits (each of several ``--components`` and keeps the BIC
+    choice), saves the JSON (and the BIC table) and prints a summary."""
     options = _backend_options(args)  # check all that can be checked before the (long) fit
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"the directory of --out {args.out} does not exist")
@@ -160,23 +198,39 @@ def _fit(args: argparse.Namespace) -> None:
     if not supports(model, args.method):
         raise ValueError(f"model {args.model!r} has no method {args.method!r}; "
                          f"choose one of {sorted(set(model.methods) & set(BACKENDS))}")
+    components = getattr(args, "components", None) or []
+    selecting = len(components) > 1
+    if selecting:
+        candidate_models(model, components)  # bad values are bad input (status 2), not a failed fit
     data = model.data_from_frame(pd.read_csv(args.data), args)
     shown = ", ".join(f"{key}={value}" for key, value in options.items() if key != "progress")
     rows = model.num_observations(model.design(data))
     print(f"fitting {args.model} to {rows} rows in {data.num_tasks} tasks with {args.method.upper()}"
-          + (f" ({shown})" if shown else "") + " ...", flush=True)
+          + (f" ({shown})" if shown else "")
+          + (f" for g in {sorted(components)}, choosing by BIC" if selecting else "") + " ...", flush=True)
     with warnings.catch_warnings():  # printed below, once each
         warnings.simplefilter("ignore", FitWarning)
         try:
-            result = fit(model, data, args.method, seed=args.seed, **options)
+            if selecting:
+                selection = select_components(model, data, components, args.method, seed=args.seed, **options)
+                result = selection.best
+            else:
+                result = fit(model, data, args.method, seed=args.seed, **options)
         except (ValueError, ArithmeticError) as error:  # the input was valid: the computation failed
             raise FitFailed(f"the {args.method} fit failed ({type(error).__name__}: {error})") from None
+    if selecting:
+        table = selection.table[["loglik", "bic", "converged"]].rename(columns={"bic": "BIC"})
+        print(table.assign(chosen=["*" if g == selection.best_components else "" for g in table.index]).to_string())
     for problem in result.warnings:
         print(f"warning: {problem}", file=sys.stderr)
     try:
         result.save(args.out)
     except ValueError as error:
         raise FitFailed(str(error)) from None
+    if selecting:
+        table_path = args.out.with_name(f"{args.out.stem}.selection.json")
+        table_path.write_text(json.dumps(selection.to_dict(), indent=2))
+        print(f"BIC chooses g = {selection.best_components}; table written to {table_path}")
     print(f"done in {result.timings['fit']:.1f} s: loglik {result.loglik:.4f}, BIC {result.bic:.4f}, "
           f"converged {result.converged}, n_iter {result.n_iter}")
     print(result.summary().to_string())
@@ -233,6 +287,47 @@ def _score(args: argparse.Namespace) -> None:
         frame[name] = values.to_numpy()
     frame.to_csv(args.out, index=False)
     print(f"{len(frame)} rows scored (total loglik {frame['loglik'].sum():.4f}) and written to {args.out}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    """``mtl-jax plot``: draws one figure of :mod:`mtl_jax.plots` with the Agg backend and writes it as PNG."""
+    trajectory_only = {"--data": args.data, "--time": args.time, "--response": args.response}
+    if args.kind == "trajectories":
+        if args.data is None or args.time is None:
+            raise ValueError("--kind trajectories needs --data CSV and --time COL")
+    elif any(value is not None for value in trajectory_only.values()):
+        raise ValueError(f"{', '.join(flag for flag, value in trajectory_only.items() if value is not None)}: "
+                         f"only for --kind trajectories, not {args.kind}")
+    if args.part is not None and args.kind != "random-effects":
+        raise ValueError(f"--part: only for --kind random-effects, not {args.kind}")
+    if args.kind != "compare" and len(args.fits) > 1:
+        raise ValueError(f"--kind {args.kind} draws one fit; got {len(args.fits)} files (only compare takes several)")
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"the directory of --out {args.out} does not exist")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtl_jax import plots
+
+    fits = [_load_fit(path) for path in args.fits]
+    if args.kind == "random-effects":
+        figure = plots.random_effects(fits[0], part=args.part or "component", level=args.level)
+    elif args.kind == "trajectories":
+        frame = pd.read_csv(args.data)
+        figure = plots.trajectories(fits[0], frame, args.time, response=args.response)
+    elif args.kind == "trace":
+        figure = plots.em_trace(fits[0])
+    else:
+        methods = [result.method for result in fits]
+        unique = len(set(methods)) == len(methods)
+        figure = plots.compare_estimates({method if unique else f"{method}: {path.stem}": result
+                                          for method, path, result in zip(methods, args.fits, fits)},
+                                         level=args.level)
+    figure.savefig(args.out, dpi=120)
+    plt.close(figure)
+    print(f"{args.kind} figure written to {args.out}")
 
 
 def _load_fit(path: Path) -> Fit:

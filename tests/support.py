@@ -27,9 +27,10 @@ def random_problem(p, g=3, K=2, n=9, seed=0):
         component_coef=rng.normal(size=(g, 3, p)),
         component_cov=root @ np.swapaxes(root, 1, 2) + np.eye(p),
         mixing_cov=lam_root @ lam_root.T + 0.5 * np.eye(g - 1),
-        component_var=rng.uniform(0.5, 2, size=(g, p)),
+        component_effects_cov=np.stack([np.diag(v) for v in rng.uniform(0.5, 2, size=(g, p))]),
         mixing_effects=rng.normal(size=(K, g - 1)),
-        component_effects=rng.normal(size=(K, g, p)),
+        component_effects=rng.normal(size=(K, g, 1, p)),
+        class_logits=np.zeros((K, g)),
     )
     design = MixtureDesign(
         y=jnp.asarray(rng.normal(size=(n, p))),

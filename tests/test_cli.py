@@ -184,7 +184,7 @@ def test_lmm_cli_fit_equals_public_fit(lmm, data, variant):
     public = mtl_jax.fit(model, TaskData.from_csv(data.train, task="task", response="y", covariates=COVARIATES),
                          "em", seed=0, n_init=1, max_iter=50)
     assert cli.fit.model == public.model
-    for field in ("component_coef", "component_cov", "component_var", "component_effects"):
+    for field in ("component_coef", "component_cov", "component_effects_cov", "component_effects"):
         np.testing.assert_allclose(getattr(cli.fit.params, field), getattr(public.params, field), rtol=1e-12)
     np.testing.assert_allclose(cli.saved["component_coef"], public.params.component_coef[..., 0], rtol=1e-12)
     assert cli.saved["loglik"] == pytest.approx(public.loglik, rel=1e-12)
@@ -193,7 +193,7 @@ def test_lmm_cli_fit_equals_public_fit(lmm, data, variant):
 
 def test_lmm_mixing_effects_flag_is_moot_at_one_component(lmm):
     with_flag, without = lmm["lmm"].fit, lmm["lmm_no_mixing"].fit
-    for field in ("component_coef", "component_cov", "component_var", "component_effects"):
+    for field in ("component_coef", "component_cov", "component_effects_cov", "component_effects"):
         np.testing.assert_allclose(getattr(with_flag.params, field), getattr(without.params, field), rtol=1e-8)
     assert with_flag.loglik == pytest.approx(without.loglik, rel=1e-10)
 

@@ -180,9 +180,9 @@ def test_laplace_needs_its_mode_and_a_definite_hessian(fitted, frame):
     design = fitted.model.design(fitted.schema.transform(frame))
     params = jax_params(fitted.params)
     far = params._replace(component_effects=params.component_effects + 3.0)
-    value, ok = likelihood.laplace_log_marginal(far, design, use_mixing=True, use_component=True)
+    value, ok = likelihood.laplace_log_marginal(far, design, fitted.model.response_family, use_mixing=True, use_component=True)
     assert bool(ok) and float(value) == pytest.approx(fitted.loglik, rel=1e-9)  # step halving recovers the mode
-    _, ok = likelihood.laplace_log_marginal(far, design, use_mixing=True, use_component=True, newton_steps=0)
+    _, ok = likelihood.laplace_log_marginal(far, design, fitted.model.response_family, use_mixing=True, use_component=True, newton_steps=0)
     assert not bool(ok)
     assert np.isnan(float(fitted.model.score(far._replace(component_cov=-jnp.ones_like(far.component_cov)), design)))
 

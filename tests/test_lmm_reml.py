@@ -33,7 +33,7 @@ def lmm_data(num_tasks, n_per_task, num_covariates, seed, unbalanced=False):
 def fit_lmm(design):
     result = em_fit(LMM, design, jax.random.key(0), n_init=1, max_iter=20000, tol=1e-15)
     p = result.params
-    return (np.asarray(p.component_coef[0, :, 0]), float(p.component_var[0, 0]),
+    return (np.asarray(p.component_coef[0, :, 0]), float(p.component_effects_cov[0, 0, 0]),
             float(p.component_cov[0, 0, 0]))
 
 

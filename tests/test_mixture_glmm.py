@@ -5,6 +5,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.linalg import block_diag
 import pytest
 from scipy.stats import multivariate_normal
 from support import random_problem
@@ -26,7 +27,7 @@ def brute_force_joint(params, design):
         logits = [P.mixing_coef[h] @ xm[j] + P.mixing_effects[i, h] for h in range(g - 1)] + [0.0]
         log_pi = np.array(logits) - np.log(np.sum(np.exp(logits)))
         for h in range(g):
-            mean = xc[j] @ P.component_coef[h] + P.component_effects[i, h]
+            mean = xc[j] @ P.component_coef[h] + P.component_effects[i, h, 0]
             out[j, h] = log_pi[h] + multivariate_normal(mean, P.component_cov[h]).logpdf(y[j])
     return out
 
@@ -41,8 +42,8 @@ def test_responsibilities_and_loglik_match_brute_force(p):
     l1 = np.log(np.exp(joint).sum(1)).sum()
     l2 = sum(multivariate_normal(np.zeros(2), params.mixing_cov).logpdf(a)
              for a in np.asarray(params.mixing_effects))
-    l2 += sum(multivariate_normal(np.zeros(3 * p), np.diag(np.ravel(params.component_var))).logpdf(np.ravel(b))
-              for b in np.asarray(params.component_effects))
+    l2 += sum(multivariate_normal(np.zeros(3 * p), block_diag(*np.asarray(params.component_effects_cov)))
+              .logpdf(np.ravel(b)) for b in np.asarray(params.component_effects))
     np.testing.assert_allclose(model.objective(params, design), l1 + l2, rtol=1e-10)
 
 
@@ -67,7 +68,7 @@ def test_laplace_is_exact_for_linear_mixed_model():
         rows = task == i
         m = rows.sum()
         mean = (x[rows] @ P.component_coef[0]).ravel()
-        cov = np.kron(np.eye(m), P.component_cov[0]) + np.kron(np.ones((m, m)), np.diag(P.component_var[0]))
+        cov = np.kron(np.eye(m), P.component_cov[0]) + np.kron(np.ones((m, m)), P.component_effects_cov[0])
         expected += multivariate_normal(mean, cov).logpdf(y[rows].ravel())
     np.testing.assert_allclose(model.score(params, design), expected, rtol=1e-10)
 
@@ -122,8 +123,8 @@ def test_parameters_are_recovered_on_simulated_data():
     np.testing.assert_allclose(est.component_coef[:, 1:], study.truth.component_coef[:, 1:], atol=0.06)
     np.testing.assert_allclose(est.mixing_coef[:, 1:], study.truth.mixing_coef[:, 1:], atol=0.15)
     np.testing.assert_allclose(est.component_cov.ravel(), 0.5, atol=0.05)
-    np.testing.assert_allclose(est.component_effects + est.component_coef[None, :, 0],
-                               study.truth.component_effects + study.truth.component_coef[None, :, 0],
+    np.testing.assert_allclose(est.component_effects[:, :, 0] + est.component_coef[None, :, 0],
+                               study.truth.component_effects[:, :, 0] + study.truth.component_coef[None, :, 0],
                                atol=0.1)
     fitted = explained_variance(study.test.y, model.predict(result.params, study.test))
     oracle = explained_variance(study.test.y, model.predict(study.truth, study.test))

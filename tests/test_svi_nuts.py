@@ -39,9 +39,11 @@ def random_point(model, p, K=3, n=12, seed=0, intercept=True):
         component_coef=rng.normal(size=(g, 3, p)),
         component_cov=root @ np.swapaxes(root, 1, 2) + np.eye(p),
         mixing_cov=mixing_cov if model.has_mixing_effects else np.zeros((g - 1, g - 1)),
-        component_var=rng.uniform(0.5, 2, size=(g, p)) * model.component_random_effects,
+        component_effects_cov=np.stack([np.diag(v) for v in rng.uniform(0.5, 2, size=(g, p))])
+        * model.component_random_effects,
         mixing_effects=rng.normal(size=(K, g - 1)) * model.has_mixing_effects,
-        component_effects=rng.normal(size=(K, g, p)) * model.component_random_effects,
+        component_effects=rng.normal(size=(K, g, 1, p)) * model.component_random_effects,
+        class_logits=np.zeros((K, g)),
     )
     design = MixtureDesign(
         y=jnp.asarray(3.0 + 2.0 * rng.normal(size=(n, p))),
@@ -133,7 +135,8 @@ DENSITY_CASES = [
 
 @pytest.mark.parametrize("g, p, mixing, component, intercept", DENSITY_CASES)
 def test_log_density_is_complete_likelihood_plus_priors(g, p, mixing, component, intercept):
-    model = MixtureGLMM(g, mixing_random_effects=mixing, component_random_effects=component, priors=PRIORS)
+    model = MixtureGLMM(g, mixing_random_effects=mixing, component_random_effects=component, priors=PRIORS,
+                        random_effects_covariance="diagonal")
     params, design = random_point(model, p, seed=10 * g + p, intercept=intercept)
     values = model.site_values(params)
     total, trace = log_density(model.numpyro_model, (design,), {}, values)
@@ -194,7 +197,7 @@ def test_priors_are_scale_equivariant(g, p):
     params, design = random_point(model, p, seed=3)
     c = 1000.0
     scaled_params = params._replace(component_coef=c * params.component_coef, component_cov=c**2 * params.component_cov,
-                                    component_var=c**2 * params.component_var,
+                                    component_effects_cov=c**2 * params.component_effects_cov,
                                     component_effects=c * params.component_effects)
     scaled_design = MixtureDesign(y=c * design.y, x_comp=design.x_comp, x_mix=design.x_mix, task=design.task,
                                   num_tasks=design.num_tasks)
@@ -393,8 +396,8 @@ def test_em_svi_and_nuts_agree(em, svi, nuts):
 def test_sampling_fits_carry_draws(svi, nuts):
     g, K = 2, 6
     assert nuts.draws.component_coef.shape == (2, 300, g, 5, 1)
-    assert nuts.draws.component_effects.shape == (2, 300, K, g, 1)
-    assert svi.draws.component_effects.shape == (1, 400, K, g, 1)
+    assert nuts.draws.component_effects.shape == (2, 300, K, g, 1, 1)
+    assert svi.draws.component_effects.shape == (1, 400, K, g, 1, 1)
     assert nuts.diagnostics["num_divergences"] >= 0
     for fitted in (svi, nuts):
         summary = fitted.summary()

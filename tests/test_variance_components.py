@@ -23,7 +23,7 @@ from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm import MixtureGLMM
 from mtl_jax.models.mixture_glmm.variance import (
     fixed_and_variance_covariance,
-    residual_covariance_se,
+    marginal_covariance,
     variance_parameters,
 )
 
@@ -68,7 +68,7 @@ def dense_general_information(model, params, design):
     if model.has_mixing_effects:
         blocks.append(np.asarray(params.mixing_cov))
     if model.component_random_effects:
-        blocks.append(np.diag(np.asarray(params.component_var).ravel()))
+        blocks.append(block_diag(*np.asarray(params.component_effects_cov)))
     g0 = np.block([[b if i == j else np.zeros((b.shape[0], c.shape[0])) for j, c in enumerate(blocks)]
                    for i, b in enumerate(blocks)])
     g_inv = np.linalg.inv(np.kron(np.eye(K), g0))
@@ -76,12 +76,14 @@ def dense_general_information(model, params, design):
     r = g0.shape[0]
     selectors = []
     offset = g - 1 if model.has_mixing_effects else 0
-    for kind, (k, l) in variance_parameters(model, p):
+    for kind, index in variance_parameters(model, p, p):
         e = np.zeros((r, r))
         if kind == "lambda":
+            k, l = index
             e[k, l] = e[l, k] = 1.0
         else:
-            e[offset + k * p + l, offset + k * p + l] = 1.0
+            h, a, b = index
+            e[offset + h * p + a, offset + h * p + b] = e[offset + h * p + b, offset + h * p + a] = 1.0
         selectors.append(np.kron(np.eye(K), e))
     return np.array([[0.5 * np.trace(x @ ec @ x @ ed) for ed in selectors] for ec in selectors])
 
@@ -101,19 +103,20 @@ def lmm_problem():
     """g = 1, two responses, unbalanced tasks, at a parameter point (not a fit)."""
     params, design = random_problem(p=2, g=1, K=4, n=22, seed=5)
     params = params._replace(component_cov=jnp.asarray([[[1.0, 0.9], [0.9, 1.0]]]),
-                             component_var=jnp.asarray([[0.8, 1.5]]))  # strongly correlated responses
-    return MixtureGLMM(1), params, design
+                             component_effects_cov=jnp.diag(jnp.asarray([0.8, 1.5]))[None])  # correlated responses
+    return MixtureGLMM(1, random_effects_covariance="diagonal"), params, design
 
 
 def dense_marginal(params, design):
     """Per-task y_i ~ N(X_i W, Sigma (x) I + 1 1' (x) diag(phi)): mean, covariance and design blocks."""
     y, x, task = map(np.asarray, (design.y, design.x_comp, design.task))
-    w, sigma, phi = (np.asarray(a)[0] for a in (params.component_coef, params.component_cov, params.component_var))
+    w, sigma, phi = (np.asarray(a)[0] for a in (params.component_coef, params.component_cov,
+                                                params.component_effects_cov))
     out = []
     for i in range(design.num_tasks):
         rows = task == i
         m = rows.sum()
-        v = np.kron(np.eye(m), sigma) + np.kron(np.ones((m, m)), np.diag(phi))
+        v = np.kron(np.eye(m), sigma) + np.kron(np.ones((m, m)), phi)
         xi = np.kron(x[rows], np.eye(2))  # vec(y_i) row-major = (x_j (x) I_2) vec(W)
         out.append((y[rows].ravel(), xi, v, m))
     return out, w
@@ -149,11 +152,11 @@ def test_lmm_fixed_effect_covariance_is_gls():
 def test_lmm_residual_se_is_the_inverse_observed_information_of_the_marginal():
     model, params, design = lmm_problem()
     sigma = np.asarray(params.component_cov)[0]
-    phi = np.asarray(params.component_var)[0]
+    phi = np.diagonal(np.asarray(params.component_effects_cov)[0])
 
     def loglik(theta):  # theta = (S11, S12, S22, phi1, phi2)
         s = np.array([[theta[0], theta[1]], [theta[1], theta[2]]])
-        moved = params._replace(component_cov=jnp.asarray(s)[None], component_var=jnp.asarray(theta[3:])[None])
+        moved = params._replace(component_cov=jnp.asarray(s)[None], component_effects_cov=jnp.diag(jnp.asarray(theta[3:]))[None])
         blocks, _ = dense_marginal(moved, design)
         w = np.asarray(params.component_coef)[0].ravel()
         return sum(multivariate_normal(b[1] @ w, b[2]).logpdf(b[0]) for b in blocks)
@@ -167,8 +170,9 @@ def test_lmm_residual_se_is_the_inverse_observed_information_of_the_marginal():
             hess[a, b] = (loglik(theta + ea + eb) - loglik(theta + ea - eb) - loglik(theta - ea + eb)
                           + loglik(theta - ea - eb)) / (4 * step[a] * step[b])
     want = np.sqrt(np.diag(np.linalg.inv(-hess)))[:3]
-    got = np.asarray(residual_covariance_se(model, params, design))[0]
-    np.testing.assert_allclose([got[0, 0], got[0, 1], got[1, 1]], want, rtol=1e-4)
+    fields = ("component_cov", "component_effects_cov")
+    got = np.sqrt(np.diagonal(np.asarray(marginal_covariance(model, params, design, fields))))[:3]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_em_fit_reports_standard_errors_for_every_parameter():

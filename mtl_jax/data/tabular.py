@@ -55,6 +55,11 @@ class Schema:
         standardized: ``(column, mean, sd)`` triples for the continuous covariates that are
             standardised. Continuous covariates not listed here are used as they are.
         intercept: Whether design column 0 is an all-ones intercept.
+        trials: Column of binomial trials per row (``TaskData.trials``), or None.
+        offset: Column added to the linear predictor of each row (``TaskData.offset``,
+            e.g. a log exposure for counts), or None.
+        response_levels: ``(negative, positive)`` labels of a two-level text (or boolean)
+            response coded 0 and 1, or None for a numeric response.
     """
 
     task: str
@@ -63,6 +68,9 @@ class Schema:
     categorical: tuple[tuple[str, tuple[str, ...]], ...] = ()
     standardized: tuple[tuple[str, float, float], ...] = ()
     intercept: bool = True
+    trials: str | None = None
+    offset: str | None = None
+    response_levels: tuple[str, str] | None = None
 
     def encoded_names(self, column: str) -> tuple[str, ...]:
         """Names of the encoded design columns derived from one source covariate.
@@ -112,6 +120,9 @@ class Schema:
                 for column, mean, sd in self.standardized
             ],
             "intercept": self.intercept,
+            "trials": self.trials,
+            "offset": self.offset,
+            "response_levels": None if self.response_levels is None else list(self.response_levels),
         }
 
     @classmethod
@@ -122,8 +133,13 @@ class Schema:
             spec: A dictionary as produced by :meth:`to_dict` (e.g. after a JSON round trip).
 
         Returns:
-            A schema equal to the one that produced ``spec``.
+            A schema equal to the one that produced ``spec`` (a
+            :class:`~mtl_jax.data.formula.FormulaSchema` for ``kind == "formula"``).
         """
+        if spec.get("kind") == "formula":
+            from mtl_jax.data.formula import FormulaSchema  # lazy: formula.py imports this module
+
+            return FormulaSchema.from_dict(spec)
         return cls(
             task=spec["task"],
             response=tuple(spec["response"]),
@@ -136,6 +152,9 @@ class Schema:
                 for item in spec["standardized"]
             ),
             intercept=bool(spec["intercept"]),
+            trials=spec.get("trials"),
+            offset=spec.get("offset"),
+            response_levels=None if spec.get("response_levels") is None else tuple(spec["response_levels"]),
         )
 
     def task_labels(self, frame: pd.DataFrame) -> tuple[str, ...]:
@@ -179,6 +198,36 @@ class Schema:
             frame, require_response=require_response, task_names=task_names, is_fit=False
         )
 
+    def _source_columns(self) -> tuple[str, ...]:
+        """Data columns the design reads (the covariates)."""
+        return self.covariates
+
+    def _design(self, frame: pd.DataFrame, task_labels: np.ndarray) -> np.ndarray:
+        """The encoded design of ``frame``, shape [n, q] (see the module docstring).
+
+        Args:
+            frame: Raw data frame with the covariate columns.
+            task_labels: Task label per row, shape [n], for error messages.
+
+        Raises:
+            DataError: for a non-numeric, missing or non-finite continuous value, or an
+                unseen categorical level.
+        """
+        n = len(frame)
+        levels_of = dict(self.categorical)
+        scale_of = {column: (mean, sd) for column, mean, sd in self.standardized}
+        blocks = [np.ones((n, 1))] if self.intercept else []
+        for column in self.covariates:
+            if column in levels_of:
+                blocks.append(_dummies(frame, column, levels_of[column], task_labels))
+                continue
+            values = _floats(frame, column, task_labels, "covariate")
+            if column in scale_of:
+                mean, sd = scale_of[column]
+                values = (values - mean) / sd
+            blocks.append(values[:, None])
+        return np.concatenate(blocks, axis=1) if blocks else np.empty((n, 0))
+
     def _encode(
         self,
         frame: pd.DataFrame,
@@ -199,7 +248,8 @@ class Schema:
         Returns:
             The encoded data.
         """
-        needed = (self.task, *self.covariates, *(self.response if require_response else ()))
+        extra = tuple(column for column in (self.trials, self.offset) if column is not None)
+        needed = (self.task, *self._source_columns(), *extra, *(self.response if require_response else ()))
         _require_columns(frame, needed)
         if len(frame) == 0:
             raise DataError("the data frame has no rows")
@@ -208,26 +258,16 @@ class Schema:
         task_ids, names = _task_ids(frame, labels, task_names, allow_empty=not is_fit)
 
         n = len(frame)
-        if require_response:
+        if require_response and self.response_levels is not None:
+            y = _binary_codes(frame, self.response[0], self.response_levels, labels)[:, None]
+        elif require_response:
             y = np.column_stack(
                 [_floats(frame, column, labels, "response") for column in self.response]
             )
         else:
             y = np.full((n, len(self.response)), np.nan)
 
-        levels_of = dict(self.categorical)
-        scale_of = {column: (mean, sd) for column, mean, sd in self.standardized}
-        blocks = [np.ones((n, 1))] if self.intercept else []
-        for column in self.covariates:
-            if column in levels_of:
-                blocks.append(_dummies(frame, column, levels_of[column], labels))
-                continue
-            values = _floats(frame, column, labels, "covariate")
-            if column in scale_of:
-                mean, sd = scale_of[column]
-                values = (values - mean) / sd
-            blocks.append(values[:, None])
-        X = np.concatenate(blocks, axis=1) if blocks else np.empty((n, 0))
+        X = self._design(frame, labels)
 
         if is_fit:
             dependent = _dependent_columns(X)
@@ -246,6 +286,8 @@ class Schema:
             columns=self.columns,
             response_names=self.response,
             schema=self,
+            trials=None if self.trials is None else jnp.asarray(_floats(frame, self.trials, labels, "trials")),
+            offset=None if self.offset is None else jnp.asarray(_floats(frame, self.offset, labels, "offset")),
         )
 
 
@@ -261,6 +303,8 @@ class TaskData(eqx.Module):
         columns: Encoded column names, length q (equal to ``schema.columns``).
         response_names: Response column names, length p (equal to ``schema.response``).
         schema: How the raw columns were encoded; use ``schema.transform`` for new data.
+        trials: Binomial trials per row, shape [n], or None (the schema's ``trials`` column).
+        offset: Offset of each row's linear predictor, shape [n], or None.
     """
 
     X: Float[Array, "n q"]
@@ -270,6 +314,8 @@ class TaskData(eqx.Module):
     columns: tuple[str, ...] = eqx.field(static=True)
     response_names: tuple[str, ...] = eqx.field(static=True)
     schema: Schema = eqx.field(static=True)
+    trials: Float[Array, " n"] | None = None
+    offset: Float[Array, " n"] | None = None
 
     def __check_init__(self) -> None:
         """Checks that array shapes and names agree with each other."""
@@ -301,6 +347,9 @@ class TaskData(eqx.Module):
         standardize: bool = True,
         intercept: bool = True,
         task_names: Sequence[Any] | None = None,
+        trials: str | None = None,
+        offset: str | None = None,
+        positive: Any = None,
     ) -> TaskData:
         """Fits a schema to a data frame and encodes it.
 
@@ -317,6 +366,12 @@ class TaskData(eqx.Module):
             task_names: Order of the tasks (labels compared as strings). Every row's task
                 must be listed and every listed task must have rows. If None, tasks are
                 numbered in order of first appearance.
+            trials: Column of binomial trials (``TaskData.trials``), or None.
+            offset: Column added to each row's linear predictor (``TaskData.offset``; a
+                log exposure for counts), or None.
+            positive: For a single response with two text (or boolean) levels, the level
+                coded 1 (the other is 0). Required for a text response; a response with
+                more than two levels is an error.
 
         Returns:
             The encoded data set, with float arrays in JAX's default float dtype.
@@ -332,7 +387,7 @@ class TaskData(eqx.Module):
         categorical = _as_names(categorical)
         if not response:
             raise DataError("at least one response column is required")
-        roles = (task, *response, *covariates)
+        roles = (task, *response, *covariates, *(column for column in (trials, offset) if column is not None))
         repeated = sorted({name for name in roles if roles.count(name) > 1})
         if repeated:
             raise DataError(
@@ -376,8 +431,27 @@ class TaskData(eqx.Module):
             categorical=tuple(levels),
             standardized=tuple(scales),
             intercept=intercept,
+            trials=trials,
+            offset=offset,
+            response_levels=_response_levels(frame, response, positive, labels),
         )
         return schema._encode(frame, require_response=True, task_names=task_names, is_fit=True)
+
+    @classmethod
+    def from_formula(cls, frame: pd.DataFrame, formula: str, mixing_formula: str | None = None,
+                     **kwargs: Any) -> tuple[TaskData, Any]:
+        """Encodes a frame with a mixed formula, ``"y ~ x + C(g) + (1 + x | task)"``.
+
+        See :func:`mtl_jax.data.formula.from_formula` (keywords ``task``, ``trials``,
+        ``offset``, ``positive``, ``task_names``).
+
+        Returns:
+            ``(data, terms)``: the encoded data and the model's
+            :class:`~mtl_jax.data.formula.FormulaTerms`.
+        """
+        from mtl_jax.data.formula import from_formula  # lazy: formulaic is imported on use
+
+        return from_formula(frame, formula, mixing_formula, **kwargs)
 
     @classmethod
     def from_csv(cls, path: str | Path, **kwargs: Any) -> TaskData:
@@ -443,7 +517,11 @@ class TaskData(eqx.Module):
             The selected rows.
         """
         rows = jnp.asarray(rows)
-        return dataclasses.replace(self, X=self.X[rows], y=self.y[rows], task=self.task[rows])
+        return dataclasses.replace(
+            self, X=self.X[rows], y=self.y[rows], task=self.task[rows],
+            trials=None if self.trials is None else self.trials[rows],
+            offset=None if self.offset is None else self.offset[rows],
+        )
 
 
 def train_test_split_by_task(
@@ -553,6 +631,56 @@ def _labels(frame: pd.DataFrame, column: str, task_labels: np.ndarray | None) ->
     _check_missing(frame, column, task_labels)
     codes, uniques = pd.factorize(frame[column])
     return np.asarray([_label(value) for value in uniques], dtype=object)[codes]
+
+
+def _response_levels(frame: pd.DataFrame, response: tuple[str, ...], positive: Any,
+                     task_labels: np.ndarray) -> tuple[str, str] | None:
+    """``(negative, positive)`` of a two-level text or boolean response; None for a numeric one.
+
+    Raises:
+        DataError: for a text response with more (or fewer) than two levels, a text
+            response without ``positive``, or a ``positive`` that is not one of its levels.
+    """
+    series = frame[response[0]]
+    textual = not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)
+    if not textual:
+        if positive is not None:
+            raise DataError(f"positive={positive!r} applies to a two-level text response, but response "
+                            f"{response[0]!r} is numeric")
+        return None
+    if len(response) > 1:
+        raise DataError(f"response column {response[0]!r} is not numeric: only a single two-level response "
+                        "can be text")
+    _check_missing(frame, response[0], task_labels)
+    levels = _sorted_levels(series)
+    if len(levels) != 2:
+        raise DataError(f"response column {response[0]!r} is not numeric: it has {len(levels)} text levels "
+                        f"{list(levels)[:5]}; only a two-level response can be text (coded 0/1 with positive=...)")
+    if positive is None and pd.api.types.is_bool_dtype(series):
+        positive = "True"
+    if positive is None:
+        raise DataError(f"response {response[0]!r} has the text levels {list(levels)}: say which one is 1 "
+                        "(positive=..., --positive LABEL)")
+    if _label(positive) not in levels:
+        raise DataError(f"positive={positive!r} is not a level of response {response[0]!r} {list(levels)}")
+    negative = levels[1] if levels[0] == _label(positive) else levels[0]
+    return negative, _label(positive)
+
+
+def _binary_codes(frame: pd.DataFrame, column: str, levels: tuple[str, str], task_labels: np.ndarray) -> np.ndarray:
+    """0/1 codes of a two-level response (``levels = (negative, positive)``).
+
+    Raises:
+        DataError: naming the row and task of a missing value or of a level not in ``levels``.
+    """
+    _check_missing(frame, column, task_labels)
+    labels = np.asarray([_label(value) for value in frame[column]])
+    unknown = np.flatnonzero(~np.isin(labels, levels))
+    if unknown.size:
+        row = int(unknown[0])
+        raise DataError(f"response {column!r} has level {labels[row]!r} at {_where(frame, row, task_labels)}; "
+                        f"expected one of {list(levels)}")
+    return (labels == levels[1]).astype(float)
 
 
 def _sorted_levels(series: pd.Series) -> tuple[str, ...]:

@@ -358,7 +358,7 @@ def _variance_components(model: MixtureGLMM, params: MixtureParams) -> dict[str,
     """
     out = {"sigma2": np.asarray(params.component_cov[:, 0, 0])}
     if model.component_random_effects:
-        out["phi"] = np.asarray(params.component_var[:, 0])
+        out["phi"] = np.asarray(params.component_effects_cov[:, 0, 0])
     if model.has_mixing_effects:
         out["lambda"] = np.diagonal(np.asarray(params.mixing_cov)).copy()
     return out

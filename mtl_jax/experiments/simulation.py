@@ -44,19 +44,24 @@ class SimulatedStudy(NamedTuple):
 
 def table1_params(num_components: int, num_tasks: int = 10, sigma2: float = 0.5, variance: float = 1.0,
                   dtype=None) -> MixtureParams:
-    """True parameters of Table 1 for ``g`` components (random effects still zero)."""
+    """True parameters of Table 1 for ``g`` components (random effects still zero).
+
+    Table 1 gives ``g = 2..8``; ``g = 1`` (its first ``w`` row alone, no mixing part: a
+    linear mixed model) is the one-component case of the same design.
+    """
     g = num_components
-    if not 2 <= g <= 8:
-        raise ValueError(f"Table 1 defines g = 2..8 components, got {g}")
+    if not 1 <= g <= 8:
+        raise ValueError(f"Table 1 defines g = 1..8 components, got {g}")
     dtype = dtype or jnp.asarray(0.0).dtype
     return MixtureParams(
         mixing_coef=jnp.asarray(TABLE1_V[: g - 1], dtype),
         component_coef=jnp.asarray(TABLE1_W[:g, :, None], dtype),
         component_cov=jnp.full((g, 1, 1), sigma2, dtype),
         mixing_cov=variance * jnp.eye(g - 1, dtype=dtype),
-        component_var=jnp.full((g, 1), variance, dtype),
+        component_effects_cov=jnp.full((g, 1, 1), variance, dtype),
         mixing_effects=jnp.zeros((num_tasks, g - 1), dtype),
-        component_effects=jnp.zeros((num_tasks, g, 1), dtype),
+        component_effects=jnp.zeros((num_tasks, g, 1, 1), dtype),
+        class_logits=jnp.zeros((num_tasks, g), dtype),
     )
 
 

@@ -55,7 +55,7 @@ def run_em(step, params, *, max_iter: int, tol: float, watch=None) -> EMState:
     """Iterate ``params, objective = step(params)`` until both the objective and the parameters settle.
 
     Converged when ``|L_c - L_{c-1}| <= tol * |L_{c-1}|`` and every watched leaf moved by
-    at most ``sqrt(tol)`` relative to its size, ``max|d theta| <= sqrt(tol) max|theta|``
+    at most ``sqrt(tol)`` relative to its size, ``max|d theta| <= sqrt(tol) max(max|theta|, sqrt(eps))``
     (``watch(params)`` picks the leaves, e.g. the model's population-level parameters;
     default all). The objective alone can stop too early in float32, where the change of
     a sum over many rows drowns in rounding while a variance still moves; the parameter
@@ -72,8 +72,8 @@ def run_em(step, params, *, max_iter: int, tol: float, watch=None) -> EMState:
     def moved(old, new):
         """Largest relative change over the watched leaves."""
         pairs = zip(jax.tree_util.tree_leaves(watch(old)), jax.tree_util.tree_leaves(watch(new)))
-        changes = [jnp.max(jnp.abs(b - a)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(dtype).tiny)
-                   for a, b in pairs if a.size]
+        floor = jnp.sqrt(jnp.finfo(dtype).eps)  # a leaf at zero (balanced classes: v = 0) moves by rounding only
+        changes = [jnp.max(jnp.abs(b - a)) / jnp.maximum(jnp.max(jnp.abs(b)), floor) for a, b in pairs if a.size]
         return jnp.max(jnp.asarray(changes)) if changes else jnp.zeros((), dtype)
 
     def body(state: EMState) -> EMState:

@@ -5,8 +5,9 @@ in :data:`BACKENDS` with its command-line options in :data:`BACKEND_OPTIONS`. Th
 dispatcher checks that the model supports the method (its ``methods``), encodes the
 data through the model, times the backend, scores the point estimate uniformly (the
 model's ``score`` and BIC, so fits from EM, SVI and NUTS compare directly), adds the
-model's standard errors to point fits, and runs the model's checks: every problem is a
-:class:`FitWarning`, and a fit that is not numerically sound never says ``converged``.
+model's standard errors to point fits and its per-task tables (``task_tables``) to every
+fit, and runs the model's checks: every problem is a :class:`FitWarning`, and a fit that
+is not numerically sound never says ``converged``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class FitWarning(UserWarning):
     """A fitted model has a problem (no convergence, a variance at its boundary, ...)."""
 
 
-def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
+def fit(model, data, method: str = "em", *, seed: int = 0, standard_errors: bool = True, **options) -> Fit:
     """Fit ``model`` to ``data`` with ``method`` (one of the model's ``methods``).
 
     Args:
@@ -50,6 +51,8 @@ def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
         data: a :class:`mtl_jax.data.TaskData` (or the model's raw design).
         method: inference backend, e.g. ``"em"``, ``"svi"``, ``"nuts"``.
         seed: seed of the PRNG key (random starts, SVI noise, NUTS).
+        standard_errors: compute the model's asymptotic standard errors of a converged EM
+            fit (``False`` skips them, e.g. when only the likelihood is wanted).
         **options: passed to the backend, e.g. ``n_init``, ``max_iter``, ``tol`` for EM.
 
     Returns:
@@ -90,8 +93,13 @@ def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
         if not max_r_hat < MAX_R_HAT:
             problems.append(f"max R-hat {max_r_hat:.3f} >= {MAX_R_HAT}: the chains have not mixed")
         converged = converged and max_r_hat < MAX_R_HAT
-    if method == "em" and hasattr(model, "standard_errors") and converged:
+    if standard_errors and method == "em" and hasattr(model, "standard_errors") and converged:
         diagnostics["standard_errors"] = model.standard_errors(params, design, labels)
+        undefined = sorted(name for name, value in diagnostics["standard_errors"].items() if not math.isfinite(value))
+        if undefined:
+            problems.append(f"standard errors undefined for {undefined[:6]}{' ...' if len(undefined) > 6 else ''}: "
+                            "the observed information is not positive definite at this point")
+    task_tables = model.task_tables(params, design, labels) if hasattr(model, "task_tables") else {}
     scored = time.perf_counter()
     for problem in problems:
         warnings.warn(problem, FitWarning, stacklevel=2)
@@ -109,6 +117,7 @@ def fit(model, data, method: str = "em", *, seed: int = 0, **options) -> Fit:
         num_obs=num_obs,
         draws=result.draws,
         iid_draws=result.iid_draws,
+        task_tables=task_tables,
         diagnostics=diagnostics,
         warnings=problems,
         timings={"fit": fitted - start, "score": scored - fitted},

@@ -99,6 +99,8 @@ def run_nuts_backend(
     key_start, key_chains = jax.random.split(key)
     reference, init = chain_starts(model, design, key_start, num_chains=num_chains, init_jitter=init_jitter,
                                    init_params=init_params)
+    if num_chains == 1:  # NumPyro runs a single chain unbatched
+        init = jax.tree_util.tree_map(lambda leaf: leaf[0], init)
     kernel = NUTS(model.numpyro_model, target_accept_prob=target_accept)
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method="vectorized", progress_bar=progress)

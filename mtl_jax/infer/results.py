@@ -79,6 +79,9 @@ class Fit:
         num_obs: training observations.
         draws: posterior draws (``[chain, draw, ...]`` leaves) or ``None``.
         iid_draws: the draws are a guide's independent draws (no R-hat/ESS).
+        task_tables: the model's per-task tables at ``params`` (its optional
+            ``task_tables``), each indexed by task name: e.g. ``component_sd``,
+            ``mixing_sd``, ``class_probabilities``; empty for models without them.
         diagnostics: backend- and model-specific numbers (standard errors, R-hat, ...).
         warnings: problems found in the fit, also issued as :class:`FitWarning`.
         timings: seconds spent, by phase.
@@ -97,6 +100,7 @@ class Fit:
     num_obs: int = 0
     draws: Any = None
     iid_draws: bool = False
+    task_tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -192,7 +196,12 @@ class Fit:
 
     # --------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dictionary; the CLI's output file."""
+        """JSON-safe dictionary; the CLI's output file.
+
+        Per-task tables are kept under ``"task_tables"`` as ``{name: {"columns": [...],
+        "rows": {task: [values ...]}}}``; ``class_probabilities``, when present, is also
+        written on its own as ``"class_probabilities": {task: [p_1, ..., p_g]}``.
+        """
         out = {
             "format": FORMAT,
             "model": model_config(self.model),
@@ -209,10 +218,13 @@ class Fit:
             "params": pytree_to_json(self.params),
             "trace": to_jsonable(self.trace),
             "iid_draws": bool(self.iid_draws),
+            "task_tables": {name: _table_to_json(table) for name, table in self.task_tables.items()},
             "diagnostics": to_jsonable(self.diagnostics),
             "warnings": list(self.warnings),
             "timings": to_jsonable(self.timings),
         }
+        if "class_probabilities" in self.task_tables:
+            out["class_probabilities"] = out["task_tables"]["class_probabilities"]["rows"]
         if self.draws is not None:
             out["draws"] = pytree_to_json(self.draws)
         return out
@@ -232,7 +244,7 @@ class Fit:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Fit":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (files written before ``task_tables`` load with none)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not an mtl_jax fit file (found {found!r}, expected format {FORMAT!r})")
@@ -253,6 +265,7 @@ class Fit:
             num_obs=data["num_obs"],
             draws=pytree_from_json(data["draws"], skeleton) if "draws" in data else None,
             iid_draws=data["iid_draws"],
+            task_tables={name: _table_from_json(table) for name, table in data.get("task_tables", {}).items()},
             diagnostics=data["diagnostics"],
             warnings=data["warnings"],
             timings=data["timings"],
@@ -315,6 +328,19 @@ def pytree_from_json(records: list[dict[str, Any]], skeleton):
     leaves = [np.asarray(stored[name]["value"], dtype=stored[name]["dtype"]).reshape(stored[name]["shape"])
               for name in names]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _table_to_json(table: pd.DataFrame) -> dict[str, Any]:
+    """A per-task table as ``{"columns": [...], "rows": {task: [values ...]}}`` (non-finite -> None)."""
+    return {"columns": [str(column) for column in table.columns],
+            "rows": {str(task): to_jsonable(row) for task, row in zip(table.index, table.to_numpy(dtype=float))}}
+
+
+def _table_from_json(table: dict[str, Any]) -> pd.DataFrame:
+    """Inverse of :func:`_table_to_json`: float columns indexed by task name (None -> NaN)."""
+    rows = table["rows"]
+    values = np.asarray(list(rows.values()), dtype=float).reshape(len(rows), len(table["columns"]))
+    return pd.DataFrame(values, index=pd.Index(list(rows), name="task"), columns=table["columns"])
 
 
 def _finite_or_none(value):

@@ -74,6 +74,13 @@ Optional capabilities (checked with ``hasattr``):
 ``check(params, design, labels) -> list[str]``
     Problems of a fitted point (variances at their floor, empty components, ...);
     each becomes a warning and is kept in the fit's diagnostics.
+``task_tables(params, design, labels) -> dict[str, pandas.DataFrame]``
+    Per-task tables of a fitted point, each indexed by task name (index name ``"task"``):
+    e.g. ``mixing_sd`` / ``component_sd`` (conditional sds of the predicted effects, the
+    columns of :meth:`random_effects`' tables) and ``class_probabilities`` (columns
+    ``"1" .. "g"``, membership per task). :func:`mtl_jax.fit` keeps them as
+    :attr:`mtl_jax.Fit.task_tables` (saved with the fit); :mod:`mtl_jax.plots` draws
+    intervals and clusters from them.
 ``simulate(key, params, design)``
     Draws from the model.
 ``score_columns(params, design) -> dict[str, [n] array]``

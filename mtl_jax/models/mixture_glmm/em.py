@@ -34,6 +34,7 @@ from jaxtyping import Array, Float
 
 from mtl_jax.linalg import (
     BorderedSolution,
+    bordered_solve,
     diag_embed,
     is_positive_definite,
     kron_bordered_solve,
@@ -47,20 +48,21 @@ from mtl_jax.linalg import (
 )
 from mtl_jax.models.mixture_glmm.likelihood import (
     LOG_2PI,
+    class_log_marginals,
     linear_predictors,
     log_joint,
     mixing_logits,
     mvn_zero_logpdf,
-    normal_logpdf,
+    task_log_proportions,
 )
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
 
 
 def complete_objective(model, params: MixtureParams, design: MixtureDesign) -> Float[Array, ""]:
     """``L = L1 + L2`` (eq. 7): the function the EM steps increase."""
-    logits, means = linear_predictors(params, design, params.mixing_effects, params.component_effects)
-    l1 = jax.nn.logsumexp(log_joint(logits, means, params.component_cov, design.y), axis=-1).sum()
-    return l1 + effects_log_prior(model, params)
+    logits, eta = linear_predictors(params, design, params.mixing_effects, params.component_effects)
+    joint = log_joint(model.response_family, logits, eta, params.component_cov, design)
+    return jax.nn.logsumexp(joint, axis=-1).sum() + effects_log_prior(model, params)
 
 
 def effects_log_prior(model, params: MixtureParams) -> Float[Array, ""]:
@@ -69,27 +71,70 @@ def effects_log_prior(model, params: MixtureParams) -> Float[Array, ""]:
     if model.has_mixing_effects:
         total += mvn_zero_logpdf(params.mixing_effects, params.mixing_cov).sum()
     if model.component_random_effects:
-        total += normal_logpdf(params.component_effects, params.component_var).sum()
+        K, g = params.component_effects.shape[:2]
+        effects = jnp.swapaxes(params.component_effects.reshape(K, g, -1), 0, 1)  # [g, K, d]
+        total += jax.vmap(mvn_zero_logpdf)(effects, params.component_effects_cov).sum()
     return total
 
 
+def task_responsibilities(model, params: MixtureParams, design: MixtureDesign):
+    r"""E-step of membership per task: :math:`\tau_{ih} \propto \pi_h(x^m_i)\, m_{ih}`.
+
+    :math:`m_{ih}` is the marginal density of task ``i``'s rows under component ``h``
+    (:func:`~mtl_jax.models.mixture_glmm.likelihood.class_log_marginals`: exact for the
+    Gaussian family, Laplace or adaptive quadrature otherwise).
+
+    Returns:
+        ``(log_tau [K, g], marginal)``: the log posterior class probabilities and the
+        marginal log-likelihood :math:`\sum_i\log\sum_h\pi_h m_{ih}`.
+    """
+    log_m, _ = class_log_marginals(params, design, model.response_family,
+                                   use_component=model.component_random_effects,
+                                   quadrature_points=model.quadrature_points)
+    joint = task_log_proportions(params, design) + log_m
+    total = jax.nn.logsumexp(joint, axis=-1)
+    return joint - total[:, None], total.sum()
+
+
 def em_step(model, params: MixtureParams, design: MixtureDesign, update_variance_components: bool = True):
-    """One EM iteration; returns the new parameters and ``h_A`` at the old ones (module docstring)."""
-    logits, means = linear_predictors(params, design, params.mixing_effects, params.component_effects)
-    joint = log_joint(logits, means, params.component_cov, design.y)
-    tau = jax.nn.softmax(joint, axis=-1)
-    objective = jax.nn.logsumexp(joint, axis=-1).sum() + effects_log_prior(model, params)
+    """One EM iteration; returns the new parameters and the stopping quantity at the old ones.
+
+    Membership per observation: the responsibilities of eq. (9) given the predicted
+    effects, and ``h_A`` (module docstring). Membership per task: the task-level
+    responsibilities (:func:`task_responsibilities`) and the marginal log-likelihood; all
+    rows of a task carry its responsibilities, and each task enters the mixing part once.
+    """
+    K = design.num_tasks
+    if model.membership == "task":
+        log_tau, objective = task_responsibilities(model, params, design)
+        tau_tasks = jnp.exp(log_tau)
+        tau = tau_tasks[design.task]
+        counts = segment_sum(jnp.ones_like(design.task, design.y.dtype), design.task, K)
+        row_weight = 1.0 / counts[design.task]
+        params = params._replace(class_logits=log_tau)
+    else:
+        logits, eta = linear_predictors(params, design, params.mixing_effects, params.component_effects)
+        joint = log_joint(model.response_family, logits, eta, params.component_cov, design)
+        tau = jax.nn.softmax(joint, axis=-1)
+        objective = jax.nn.logsumexp(joint, axis=-1).sum() + effects_log_prior(model, params)
+        tau_tasks, row_weight = None, None
     adjustment = jnp.zeros((), objective.dtype)
     if model.num_components > 1:
-        params, mixing_logdet = mixing_m_step(model, params, design, tau, update_variance_components)
+        params, mixing_logdet = mixing_m_step(model, params, design, tau, update_variance_components, row_weight)
         adjustment += mixing_logdet
-    params, component_logdet = component_m_step(model, params, design, tau, update_variance_components)
+    params, component_logdet = component_m_step(model, params, design, tau, update_variance_components, tau_tasks)
     adjustment += component_logdet
+    if model.membership == "task":
+        return params, objective
     return params, objective - 0.5 * adjustment
 
 
-def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, update_variance_components: bool):
+def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, update_variance_components: bool,
+                  row_weight=None):
     """Penalised Newton (IRLS) step for ``(v, a)`` with step halving, then ``Lambda``.
+
+    ``row_weight [n]`` (default ones) weights each row's term ``tau_j log pi(x_j)``; with
+    membership per task it is ``1 / n_i``, so each task counts once.
 
     Returns:
         The updated parameters and :math:`\\sum_i \\log\\det(D_i/2\\pi)` of the mixing
@@ -101,6 +146,9 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     dtype = design.y.dtype
     v, a, lam = params.mixing_coef, params.mixing_effects, params.mixing_cov
     prior_prec = psd_inverse(lam) if with_effects else jnp.zeros((0, 0), dtype)
+    if row_weight is not None:
+        tau = tau * row_weight[:, None]
+    mass = tau.sum(-1)  # each row's total weight (1 unless weighted)
 
     def q_mix(v, a):
         logits = mixing_logits(v, design.x_mix, a[design.task])
@@ -110,8 +158,8 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         return value
 
     pi = jax.nn.softmax(mixing_logits(v, design.x_mix, a[design.task]), axis=-1)[:, :g1]
-    weights = diag_embed(pi) - pi[:, :, None] * pi[:, None, :]  # -d2 Q / d eta2, [n, g1, g1]
-    grads = tau[:, :g1] - pi  # d Q / d eta
+    weights = mass[:, None, None] * (diag_embed(pi) - pi[:, :, None] * pi[:, None, :])  # -d2 Q / d eta2
+    grads = tau[:, :g1] - mass[:, None] * pi  # d Q / d eta
     solution = kron_bordered_solve(
         design.x_mix,
         weights,
@@ -126,21 +174,7 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     step_v = solution.fixed.reshape(design.x_mix.shape[1], g1).T
     step_a = solution.random if with_effects else jnp.zeros_like(a)
 
-    base = q_mix(v, a)
-
-    def halve(state):
-        t, _ = state
-        t = t / 2
-        return t, q_mix(v + t * step_v, a + t * step_a)
-
-    def needs_halving(state):
-        t, value = state
-        return (~(value >= base)) & (t > 2.0**-30)
-
-    one = jnp.ones((), dtype)
-    t, value = jax.lax.while_loop(needs_halving, halve, (one, q_mix(v + step_v, a + step_a)))
-    t = jnp.where(value >= base, t, 0.0)
-    v, a = v + t * step_v, a + t * step_a
+    v, a = halved_step(q_mix, (v, a), (step_v, step_a))
     logdet = jnp.zeros((), dtype)
     if with_effects:
         logdet = _sum_logdet(solution)
@@ -227,71 +261,203 @@ def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, g
     return cov, effects
 
 
-def component_m_step(model, params: MixtureParams, design: MixtureDesign, tau, update_variance_components: bool):
-    """Mixed-model equations for each component, then ``Sigma`` and ``phi``.
+def component_m_step(model, params: MixtureParams, design: MixtureDesign, tau, update_variance_components: bool,
+                     tau_tasks=None):
+    """The M-step of every component (vmapped), then ``Sigma`` and ``Phi``.
+
+    Args:
+        tau: row responsibilities ``[n, g]``.
+        tau_tasks: membership per task: the task responsibilities ``[K, g]``, which also
+            weight each task's effects prior (so each task's effects are its posterior
+            mode given the component); ``None`` for membership per observation.
 
     Returns:
         The updated parameters and :math:`\\sum_{h,i} \\log\\det(D_{hi}/2\\pi)` of the
         component effects (zero without them).
     """
-    scale = jnp.var(design.y, axis=0) + jnp.finfo(design.y.dtype).tiny  # response variances [p]
+    K = design.num_tasks
+    dtype = design.y.dtype
+    if tau_tasks is None:
+        task_weight = jnp.ones((K, model.num_components), dtype)
+    else:  # a task almost surely elsewhere keeps a tiny weight, so its system stays regular
+        task_weight = jnp.maximum(tau_tasks, jnp.finfo(dtype).eps)
     update = jax.vmap(
-        lambda t, cov, var: _component_update(model, design, t, cov, var, scale, update_variance_components),
-        in_axes=(1, 0, 0),
+        lambda t, w, coef, effects, cov, phi: _component_update(
+            model, design, t, w, coef, effects, cov, phi, update_variance_components),
+        in_axes=(1, 1, 0, 1, 0, 0),
     )
-    coef, effects, cov, var, logdet = update(tau, params.component_cov, params.component_var)
+    coef, effects, cov, phi, logdet = update(tau, task_weight, params.component_coef, params.component_effects,
+                                             params.component_cov, params.component_effects_cov)
     return (
         params._replace(
             component_coef=coef,
             component_effects=jnp.swapaxes(effects, 0, 1),
             component_cov=cov,
-            component_var=var,
+            component_effects_cov=phi,
         ),
         logdet.sum(),
     )
 
 
-def _component_update(model, design: MixtureDesign, tau, cov, var, scale, update_var: bool):
-    r"""M-step of one Gaussian component (weights ``tau [n]``).
+def effects_scale(model, design: MixtureDesign) -> Float[Array, " d"]:
+    """The scale of each component effect ``(a, k)`` for its floor: ``var(y_k)`` (Gaussian) or 1 (link scale)."""
+    p = design.y.shape[1]
+    if model.response_family.is_gaussian:
+        response = jnp.var(design.y, axis=0) + jnp.finfo(design.y.dtype).tiny
+    else:
+        response = jnp.ones((p,), design.y.dtype)
+    return jnp.tile(response, design.z_comp.shape[1])
 
-    Henderson's equations for :math:`\beta=\operatorname{vec}(W_h)` (index ``(a, k)``,
-    covariate ``a``, response ``k``) and the task intercepts :math:`b_i`: each row adds
-    :math:`A_j (\tau_j S) A_j^T` with :math:`A_j = x_j\otimes I_p`, :math:`S=\Sigma_h^{-1}`,
-    and the prior precision of :math:`b_i` is :math:`\operatorname{diag}(\phi_h)^{-1}`.
-    The residual covariance is :math:`(\sum_j\tau_j r_jr_j^T + M + \delta n\,\mathrm{diag}(s^2))/(\sum_j\tau_j + \delta n)`
-    (a prior count of :math:`\delta n` rows, :math:`\delta` the variance floor), where for
-    REML :math:`M = \sum_j \tau_j \operatorname{cov}(\hat\eta_j)` is the posterior
-    covariance of the fitted means (:func:`mtl_jax.linalg.row_covariance`).
+
+def _solve_component(model, design: MixtureDesign, weights, grads, prior_prec, prior_grad, ridge):
+    """The bordered fixed/random system of one component (random intercepts by the fast path)."""
+    y, x, z = design.y, design.x_comp, design.z_comp
+    p = y.shape[1]
+    with_effects = model.component_random_effects
+    if not with_effects or model.random_intercept_only:
+        return kron_bordered_solve(x, weights, grads, design.task, design.num_tasks, prior_prec,
+                                   random_prior_grad=prior_grad, fixed_prior_prec=ridge,
+                                   random_intercepts=with_effects)
+    return bordered_solve(kron_rows(x, p), kron_rows(z, p), weights, grads, design.task, design.num_tasks,
+                          prior_prec, random_prior_grad=prior_grad, fixed_prior_prec=ridge)
+
+
+def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effects, cov, phi, update_var: bool):
+    r"""M-step of one component (row weights ``tau [n]``, task weights ``omega = task_weight [K]``).
+
+    With :math:`\eta_j = W^Tx_j + B_{t_j}^Tz_j + o_j` and :math:`\beta = \operatorname{vec} W`,
+    the penalised log-likelihood
+
+    .. math:: Q(W, B) = \sum_j \tau_j \log f(y_j\mid\eta_j)
+              - \tfrac12\sum_i \omega_i \operatorname{vec}(B_i)^T\Phi^{-1}\operatorname{vec}(B_i)
+
+    is maximised over :math:`(W, B)` (:math:`\omega_i = 1` for membership per observation).
+
+    * Gaussian: in closed form, Henderson's equations (each row adds
+      :math:`A_j(\tau_jS)A_j^T`, :math:`A_j = x_j\otimes I_p`, :math:`S = \Sigma^{-1}`; the
+      effects have rows :math:`z_j\otimes I_p`); then the residual covariance
+      :math:`(\sum_j\tau_jr_jr_j^T + M + \delta n\,\mathrm{diag}(s^2))/(\sum_j\tau_j + \delta n)`
+      (a prior count of :math:`\delta n` rows, :math:`\delta` the variance floor), where for
+      REML :math:`M = \sum_j\tau_j\omega_{t_j}\operatorname{cov}(\hat\eta_j)` is the posterior
+      covariance of the fitted means (:func:`mtl_jax.linalg.row_covariance`); for ML,
+      :math:`M = 0` per observation (the maximiser of ``L`` given the effects) and the
+      effects' part :math:`\sum_j\tau_j\omega_{t_j}Z_j^TD_{t_j}^{-1}Z_j` per task or for
+      ``g = 1`` (the EM update of the marginal likelihood).
+    * Other families: one penalised IRLS (Newton) step with the canonical-link score and
+      weight (:class:`~mtl_jax.models.mixture_glmm.families.Family`), halved until ``Q``
+      does not decrease: PQL's working-response step.
+
+    Then the approximate REML update of the effects' covariance,
+    :math:`\Phi = \sum_i\omega_i(\hat b_i\hat b_i^T + \omega_i H_{b_ib_i})/\sum_i\omega_i`
+    (:math:`\hat b_i = \operatorname{vec}\hat B_i`, :math:`H` the inverse penalised
+    information; for ML, :math:`D_i^{-1}` in place of :math:`H_{b_ib_i}`, the effects'
+    spread given the fixed effects: the EM update of the marginal likelihood), restricted to its diagonal or to a multiple of the identity when the
+    model asks, each variance at or above its floor.
     """
-    y, x, task, K = design.y, design.x_comp, design.task, design.num_tasks
+    family = model.response_family
+    y, x, z, task, K = design.y, design.x_comp, design.z_comp, design.task, design.num_tasks
     n, p = y.shape
-    q = x.shape[1]
+    q, r_c = x.shape[1], z.shape[1]
     dtype = y.dtype
     with_effects = model.component_random_effects
-    prec = psd_inverse(cov)
-    weights = tau[:, None, None] * prec
-    fixed_rows = kron_rows(x, p)
-    random_rows = jnp.broadcast_to(jnp.eye(p, dtype=dtype)[: p if with_effects else 0], (n, p if with_effects else 0, p))
-    prior_prec = diag_embed(1.0 / var) if with_effects else jnp.zeros((0, 0), dtype)
-    ridge = _ridge(model, q * p, n, dtype) * jnp.max(jnp.diagonal(prec))
-    solution = kron_bordered_solve(x, weights, y @ prec * tau[:, None], task, K, prior_prec, fixed_prior_prec=ridge,
-                                   random_intercepts=with_effects)
-    coef = solution.fixed.reshape(q, p)
-    effects = solution.random if with_effects else jnp.zeros((K, p), dtype)
-    resid = y - x @ coef - effects[task]
-    scatter = jnp.einsum("n,nk,nl->kl", tau, resid, resid)
-    if model.residual_update == "reml":
-        scatter += jnp.einsum("n,nkl->kl", tau, row_covariance(solution, fixed_rows, random_rows, task))
-    # A prior count of delta * n rows at the response variance keeps an empty component's
-    # covariance at the data's scale instead of 0 / 0 (negligible for a component with rows).
-    prior_count = model.variance_floor * n
-    new_cov = (scatter + prior_count * diag_embed(scale)) / (tau.sum() + prior_count)
-    new_cov = new_cov + model.variance_floor * diag_embed(scale)
+    d = r_c * p if with_effects else 0
+    effect_rows = z if not model.random_intercept_only else jnp.ones((n, 1), dtype)
+    prior_prec = (task_weight[:, None, None] * psd_inverse(phi)[None]) if with_effects else jnp.zeros((0, 0), dtype)
+    if family.is_gaussian:
+        prec = psd_inverse(cov)
+        weights = tau[:, None, None] * prec
+        ridge = _ridge(model, q * p, n, dtype) * jnp.max(jnp.diagonal(prec))
+        target = y - design.offset[:, None]
+        solution = _solve_component(model, design, weights, target @ prec * tau[:, None], prior_prec, None, ridge)
+        coef = solution.fixed.reshape(q, p)
+        effects = solution.random.reshape(K, r_c, p) if with_effects else jnp.zeros((K, r_c, p), dtype)
+        resid = target - x @ coef - jnp.einsum("nr,nrp->np", z, effects[task])
+        scatter = jnp.einsum("n,nk,nl->kl", tau, resid, resid)
+        random_rows = kron_rows(effect_rows, p)[:, :d]
+        if model.residual_update == "reml":
+            row_cov = row_covariance(solution, kron_rows(x, p), random_rows, task)
+            scatter += jnp.einsum("n,nkl->kl", tau * task_weight[task], row_cov)
+        elif model.per_task_marginal and with_effects:  # EM for the marginal: the effects' posterior spread
+            row_cov = jnp.einsum("nrd,nrs,nse->nde", random_rows, solution.random_prec_inv[task], random_rows)
+            scatter += jnp.einsum("n,nkl->kl", tau * task_weight[task], row_cov)
+        # A prior count of delta * n rows at the response variance keeps an empty component's
+        # covariance at the data's scale instead of 0 / 0 (negligible for a component with rows).
+        scale = jnp.var(y, axis=0) + jnp.finfo(dtype).tiny
+        prior_count = model.variance_floor * n
+        cov = (scatter + prior_count * diag_embed(scale)) / (tau.sum() + prior_count)
+        cov = cov + model.variance_floor * diag_embed(scale)
+    else:
+        solution, coef, effects = _irls_step(model, design, tau, task_weight, coef, effects, phi, prior_prec)
     logdet = _sum_logdet(solution) if with_effects else jnp.zeros((), dtype)
     if with_effects and update_var:
-        var = (jnp.sum(effects**2, axis=0) + jnp.einsum("ikk->k", solution.random_cov)) / K
-        var = jnp.maximum(var, model.variance_floor * scale)
-    return coef, effects, new_cov, var, logdet
+        flat = effects.reshape(K, d)
+        total = task_weight.sum()
+        spread = solution.random_cov if model.residual_update == "reml" else solution.random_prec_inv
+        phi = (jnp.einsum("i,ik,il->kl", task_weight, flat, flat)
+               + jnp.einsum("i,ikl->kl", task_weight**2, spread)) / total
+        phi = _structured(model, 0.5 * (phi + phi.T), model.variance_floor * effects_scale(model, design))
+    return coef, effects, cov, phi, logdet
+
+
+def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, phi, prior_prec):
+    """One penalised IRLS step of a non-Gaussian component with step halving (see :func:`_component_update`)."""
+    family = model.response_family
+    x, z, task, K = design.x_comp, design.z_comp, design.task, design.num_tasks
+    n, q = x.shape
+    dtype = x.dtype
+    with_effects = model.component_random_effects
+    r_c = z.shape[1]
+    y = design.y[:, 0]
+
+    def predictor(w, b):
+        return x @ w[:, 0] + jnp.einsum("nr,nr->n", z, b[task][..., 0]) + design.offset
+
+    def objective(w, b):
+        value = (tau * family.log_density(y, predictor(w, b), design.trials)).sum()
+        if with_effects:
+            flat = b.reshape(K, -1)
+            value -= 0.5 * jnp.einsum("ik,ikl,il->", flat, prior_prec, flat)
+        return value
+
+    score, weight = family.working(y, predictor(coef, effects), design.trials)
+    prior_grad = -jnp.einsum("ikl,il->ik", prior_prec, effects.reshape(K, -1)) if with_effects else None
+    solution = _solve_component(model, design, (tau * weight)[:, None, None], (tau * score)[:, None],
+                                prior_prec, prior_grad, _ridge(model, q, n, dtype))
+    step_w = solution.fixed.reshape(q, 1)
+    step_b = solution.random.reshape(K, r_c, 1) if with_effects else jnp.zeros_like(effects)
+    coef, effects = halved_step(objective, (coef, effects), (step_w, step_b))
+    return solution, coef, effects
+
+
+def halved_step(objective, point: tuple, step: tuple) -> tuple:
+    """``point + t step`` with ``t = 1, 1/2, 1/4, ...`` the first that does not decrease
+    ``objective(*point)`` (down to ``2^-30``; else ``t = 0``, the point stays)."""
+    base = objective(*point)
+
+    def moved(t):
+        return tuple(x + t * dx for x, dx in zip(point, step))
+
+    def halve(state):
+        t, _ = state
+        return t / 2, objective(*moved(t / 2))
+
+    def needs_halving(state):
+        t, value = state
+        return (~(value >= base)) & (t > 2.0**-30)
+
+    one = jnp.ones((), base.dtype)
+    t, value = jax.lax.while_loop(needs_halving, halve, (one, objective(*moved(one))))
+    return moved(jnp.where(value >= base, t, 0.0))
+
+
+def _structured(model, phi, floor):
+    """``Phi`` restricted to the model's structure (full, diagonal, a multiple of ``I``), variances at or above ``floor``."""
+    variances = jnp.diagonal(phi)
+    if model.random_effects_covariance == "identity":
+        variances = jnp.full_like(variances, variances.mean())
+    if model.random_effects_covariance != "full":
+        phi = jnp.zeros_like(phi)
+    return phi + diag_embed(jnp.maximum(variances, floor) - jnp.diagonal(phi))
 
 
 def _ridge(model, m: int, n: int, dtype):
@@ -310,37 +476,64 @@ def _sum_logdet(solution: BorderedSolution) -> Float[Array, ""]:
     return -jnp.sum(psd_logdet(solution.random_prec_inv)) - solution.random_prec_inv.shape[0] * r * LOG_2PI
 
 
+def working_response(model, design: MixtureDesign) -> Float[Array, "n p"]:
+    """The responses on the linear-predictor scale, offset removed: ``y`` (Gaussian) or an empirical link.
+
+    ``logit((y + 1/2) / (m + 1))`` for binomial responses, ``log(y + 1/2)`` for counts.
+    """
+    y = design.y
+    if model.family == "poisson":
+        y = jnp.log(y + 0.5)
+    elif model.family in ("bernoulli", "binomial"):
+        y = model.response_family.link((y + 0.5) / (design.trials[:, None] + 1.0))
+    return y - design.offset[:, None]
+
+
 def init(model, key: Array, design: MixtureDesign, init_var: float = 1.0) -> MixtureParams:
     """Random start: soft assignment by distance to ``g`` random OLS residuals, then one M-step.
 
-    The least-squares fit of the component design gives residuals ``r``; ``g``
-    observations are drawn at random and each observation is softly assigned to them by
-    ``exp(-g^2 |r_j - r_c|^2 / 2 s^2)`` with ``s`` the residual sd. One M-step from these
-    responsibilities gives the starting parameters. The component-effect variances start
-    at ``init_var`` times the residual variance, the mixing covariance at ``init_var * I``.
+    The least-squares fit of the component design to the working response
+    (:func:`working_response`) gives residuals ``r``; ``g`` observations are drawn at random
+    and each observation is softly assigned to them by ``exp(-g^2 |r_j - r_c|^2 / 2 s^2)``
+    with ``s`` the residual sd (membership per task: the squared distances averaged over
+    the task's rows). One M-step from these responsibilities gives the starting
+    parameters. The component-effect variances start at ``init_var`` times the residual
+    variance (Gaussian) or ``init_var`` (link scale), the mixing covariance at ``init_var * I``.
     """
     g, K = model.num_components, design.num_tasks
-    y, x = design.y, design.x_comp
+    x = design.x_comp
+    y = working_response(model, design)
     n, p = y.shape
+    r_c = design.z_comp.shape[1]
     dtype = y.dtype
     ols = jnp.linalg.lstsq(x, y)[0]
     resid = y - x @ ols
     scale = resid.std(axis=0) + jnp.finfo(dtype).tiny
     centres = resid[jax.random.choice(key, n, (g,), replace=False)]
     dist2 = (((resid[:, None, :] - centres[None]) / scale) ** 2).sum(-1)
-    tau = jax.nn.softmax(-dist2 * g**2 / 2.0, axis=-1)
+    tau_tasks = None
+    if model.membership == "task":
+        counts = segment_sum(jnp.ones((n,), dtype), design.task, K)
+        tau_tasks = jax.nn.softmax(-segment_sum(dist2, design.task, K) / counts[:, None] * g**2 / 2.0, axis=-1)
+        tau = tau_tasks[design.task]
+    else:
+        tau = jax.nn.softmax(-dist2 * g**2 / 2.0, axis=-1)
     resid_cov = jnp.cov(resid.T).reshape(p, p)
+    family = model.response_family
+    variances = jnp.diagonal(resid_cov) if family.is_gaussian else jnp.ones((p,), dtype)
+    effects_cov = init_var * diag_embed(jnp.tile(variances, r_c)) * (1.0 if model.component_random_effects else 0.0)
     params = MixtureParams(
         mixing_coef=jnp.zeros((g - 1, design.x_mix.shape[1]), dtype),
         component_coef=jnp.broadcast_to(ols, (g,) + ols.shape),
-        component_cov=jnp.broadcast_to(resid_cov, (g, p, p)),
+        component_cov=jnp.broadcast_to(resid_cov if family.is_gaussian else jnp.eye(p, dtype=dtype), (g, p, p)),
         mixing_cov=init_var * jnp.eye(g - 1, dtype=dtype) * (1.0 if model.has_mixing_effects else 0.0),
-        component_var=jnp.broadcast_to(init_var * jnp.diagonal(resid_cov), (g, p))
-        * (1.0 if model.component_random_effects else 0.0),
+        component_effects_cov=jnp.broadcast_to(effects_cov, (g,) + effects_cov.shape),
         mixing_effects=jnp.zeros((K, g - 1), dtype),
-        component_effects=jnp.zeros((K, g, p), dtype),
+        component_effects=jnp.zeros((K, g, r_c, p), dtype),
+        class_logits=jnp.zeros((K, g), dtype),
     )
     if g > 1:
-        params, _ = mixing_m_step(model, params, design, tau, update_variance_components=False)
-    params, _ = component_m_step(model, params, design, tau, update_variance_components=False)
+        row_weight = None if tau_tasks is None else 1.0 / segment_sum(jnp.ones((n,), dtype), design.task, K)[design.task]
+        params, _ = mixing_m_step(model, params, design, tau, False, row_weight)
+    params, _ = component_m_step(model, params, design, tau, False, tau_tasks)
     return params

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from mtl_jax.linalg import cho_solve, cholesky, diag_embed, psd_cholesky, segment_sum, solve_triangular
+from mtl_jax.linalg import cho_solve, cholesky, psd_cholesky, segment_sum, solve_triangular
+from mtl_jax.models.mixture_glmm.families import Family
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
 
 LOG_2PI = 1.8378770664093453
@@ -50,19 +51,39 @@ def seen_rows(params: MixtureParams, design: MixtureDesign) -> Bool[Array, " n"]
 
 
 def linear_predictors(params: MixtureParams, design: MixtureDesign, a, b):
-    """Mixing logits ``[n, g]`` and component means ``[n, g, p]`` given effects ``a``, ``b``."""
+    """Mixing logits ``[n, g]`` and component linear predictors ``[n, g, p]`` given effects ``a``, ``b``.
+
+    ``eta_hj = W_h^T x_j + B_hi^T z_j + o_j`` with ``b [K, g, r, p]`` and the offset ``o``.
+    """
     logits = mixing_logits(params.mixing_coef, design.x_mix, row_effects(a, design.task))
-    means = jnp.einsum("nq,gqp->ngp", design.x_comp, params.component_coef) + row_effects(b, design.task)
+    means = (jnp.einsum("nq,gqp->ngp", design.x_comp, params.component_coef)
+             + jnp.einsum("nr,ngrp->ngp", design.z_comp, row_effects(b, design.task))
+             + design.offset[:, None, None])
     return logits, means
 
 
-def log_joint(logits, means, cov, y):
-    """``log pi_h + log N(y; mean_h, Sigma_h)``, ``[n, g]``."""
-    return jax.nn.log_softmax(logits, axis=-1) + mvn_logpdf(y[:, None, :], means, cov)
+def component_log_density(family: Family, y, eta, cov, trials) -> Float[Array, "n g"]:
+    """``log f_h(y_j | eta_hj)`` of every row under every component, ``[n, g]``.
+
+    Args:
+        family: the components' family.
+        y: responses ``[n, p]``.
+        eta: linear predictors ``[n, g, p]``.
+        cov: residual covariances ``[g, p, p]`` (Gaussian family only).
+        trials: binomial trials ``[n]``.
+    """
+    if family.is_gaussian:
+        return mvn_logpdf(y[:, None, :], eta, cov)
+    return family.log_density(y[:, None, 0], eta[..., 0], trials[:, None])
+
+
+def log_joint(family: Family, logits, eta, cov, design: MixtureDesign):
+    """``log pi_h + log f_h(y)``, ``[n, g]``."""
+    return jax.nn.log_softmax(logits, axis=-1) + component_log_density(family, design.y, eta, cov, design.trials)
 
 
 def mvn_logpdf(y, mean, cov):
-    """``log N_p(y; mean_h, Sigma_h)`` for ``mean [..., g, p]``, ``cov [g, p, p]``.
+    """``log N_p(y; mean_h, Sigma_h)`` for ``mean [..., g, p]``, ``cov [..., g, p, p]`` (broadcast).
 
     Each ``Sigma_h`` is factorised once and the residuals whitened by a triangular solve;
     a distribution object would factorise it for every observation.
@@ -70,15 +91,9 @@ def mvn_logpdf(y, mean, cov):
     chol = psd_cholesky(cov)
     eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
     inv_chol = solve_triangular(chol, eye)
-    white = jnp.einsum("gkl,...gl->...gk", inv_chol, y - mean)
+    white = jnp.einsum("...gkl,...gl->...gk", inv_chol, y - mean)
     half_logdet = jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)).sum(-1)
     return -0.5 * (cov.shape[-1] * LOG_2PI + jnp.sum(white**2, axis=-1)) - half_logdet
-
-
-def normal_logpdf(x, var):
-    """Elementwise ``log N(x; 0, var)``; zero where ``var`` is zero (effects switched off)."""
-    safe = jnp.where(var > 0, var, 1.0)
-    return jnp.where(var > 0, -0.5 * (LOG_2PI + jnp.log(safe) + x**2 / safe), 0.0)
 
 
 def mvn_zero_logpdf(x: Float[Array, "K d"], cov: Float[Array, "d d"]) -> Float[Array, " K"]:
@@ -93,78 +108,29 @@ def mvn_zero_logpdf(x: Float[Array, "K d"], cov: Float[Array, "d d"]) -> Float[A
     return jnp.where(active, value, 0.0)
 
 
-# --------------------------------------------------------------------- Laplace marginal
-def laplace_log_marginal(
-    params: MixtureParams,
-    design: MixtureDesign,
-    *,
-    use_mixing: bool,
-    use_component: bool,
-    newton_steps: int = 20,
-) -> tuple[Float[Array, ""], Bool[Array, ""]]:
-    r"""Per-task Laplace approximation of the log-likelihood with the random effects integrated out.
+# ----------------------------------------------------------------------- Newton modes
+def newton_ascent(task_value, task_derivatives, u0, steps: int):
+    r"""Per-task damped Newton ascent of concave-near-the-mode functions :math:`f_i(u_i)`.
 
-    For each task, with :math:`f_i(u)` its log-likelihood plus the log prior of
-    :math:`u = (a_i, b_i)` (dimension ``r``):
+    Each step solves :math:`(-\nabla^2 f_i + s_i I)\,\delta_i = \nabla f_i` (the shift
+    :math:`s_i` makes the matrix positive definite far from the mode) and halves the step
+    of each task until :math:`f_i` does not decrease, so every accepted step is an ascent.
 
-    .. math::
-
-        \log\int e^{f_i(u)}\,du \approx f_i(\hat u) + \tfrac r2\log 2\pi
-            - \tfrac12 \log\det(-\nabla^2 f_i(\hat u)).
-
-    The mode :math:`\hat u` is found from the BLUPs by Newton steps with step halving
-    (every accepted step increases :math:`f_i`). Exact when the integrand is Gaussian
-    (the linear mixed model).
+    Args:
+        task_value: ``u [K, r] -> [K]``.
+        task_derivatives: ``u [K, r] -> (grad [K, r], hess [K, r, r])``.
+        u0: start ``[K, r]``.
+        steps: Newton steps (static).
 
     Returns:
-        ``(value, ok)``: the approximation and whether it is valid: every task's mode was
-        reached (Newton decrement below ``sqrt(eps)`` relative to the task's size) and
-        every :math:`-\nabla^2 f_i(\hat u)` is positive definite. A caller must not use
-        ``value`` when ``ok`` is false.
+        ``(u, decrement)``: the end point and the Newton decrement
+        :math:`\nabla f_i^T\delta_i` there ``[K]`` (zero at a mode).
     """
-    g = params.component_coef.shape[0]
-    K = params.mixing_effects.shape[0]
-    p = design.y.shape[1]
-    dtype = design.y.dtype
-    zeros_a, zeros_b = jnp.zeros_like(params.mixing_effects), jnp.zeros_like(params.component_effects)
-    base_logits, base_means = linear_predictors(params, design, zeros_a, zeros_b)
-    prior_cov = _effects_prior_cov(params, use_mixing, use_component)
-    r = prior_cov.shape[0]
-    prior_chol = psd_cholesky(prior_cov)
-    prior_prec = cho_solve(prior_chol, jnp.eye(r, dtype=dtype))
-    prior_logdet = 2.0 * jnp.log(jnp.diagonal(prior_chol)).sum()
+    K, r = u0.shape
+    dtype = u0.dtype
 
-    def unpack(u):  # u: [r] -> (a [g-1], b [g, p])
-        a = u[: g - 1] if use_mixing else jnp.zeros((g - 1,), u.dtype)
-        b = u[(g - 1) if use_mixing else 0:].reshape(g, p) if use_component else jnp.zeros((g, p), u.dtype)
-        return a, b
-
-    def row_loglik(u, logits, means, y):
-        a, b = unpack(u)
-        full = logits + jnp.concatenate([a, jnp.zeros((1,), a.dtype)])
-        return jax.nn.logsumexp(jax.nn.log_softmax(full) + mvn_logpdf(y, means + b, params.component_cov))
-
-    row_value = jax.vmap(row_loglik)
-    row_grad = jax.vmap(jax.grad(row_loglik))
-    row_hess = jax.vmap(jax.hessian(row_loglik))
-    # Rows of unseen tasks have no effects of their own here: they are left out.
-    task = jnp.where(design.task < K, design.task, K)
-
-    def task_value(u):
-        rows = (u[jnp.minimum(task, K - 1)], base_logits, base_means, design.y)
-        prior = -0.5 * (r * LOG_2PI + prior_logdet + jnp.einsum("ir,rs,is->i", u, prior_prec, u))
-        return segment_sum(row_value(*rows), task, K + 1)[:K] + prior
-
-    def task_derivatives(u):
-        rows = (u[jnp.minimum(task, K - 1)], base_logits, base_means, design.y)
-        grad = segment_sum(row_grad(*rows), task, K + 1)[:K] - u @ prior_prec
-        hess = segment_sum(row_hess(*rows), task, K + 1)[:K] - prior_prec
-        return grad, hess
-
-    def newton_direction(u):
+    def direction(u):
         grad, hess = task_derivatives(u)
-        # Modified Newton: where -H is not positive definite (far from the mode), shift
-        # its spectrum so the step is still an ascent direction.
         neg = -hess
         eig = jnp.linalg.eigvalsh(neg)
         shift = jnp.where(eig[:, 0] > 0, 0.0, 1e-3 * (1.0 + jnp.abs(eig[:, -1])) - eig[:, 0])
@@ -173,7 +139,7 @@ def laplace_log_marginal(
         return step, jnp.einsum("ir,ir->i", grad, step)
 
     def newton(_, u):
-        step, _ = newton_direction(u)
+        step, _ = direction(u)
         value = task_value(u)
 
         def halve(state):
@@ -185,35 +151,248 @@ def laplace_log_marginal(
             t, new_value = state
             return jnp.any(~(new_value >= value) & (t > 2.0**-20))
 
-        one = jnp.ones((K,), dtype)
-        t, new_value = jax.lax.while_loop(needs_halving, halve, (one, task_value(u + step)))
+        t, new_value = jax.lax.while_loop(needs_halving, halve, (jnp.ones((K,), dtype), task_value(u + step)))
         accept = new_value >= value
         return jnp.where(accept[:, None], u + t[:, None] * step, u)
 
-    parts = ([params.mixing_effects] if use_mixing else []) + (
-        [params.component_effects.reshape(K, -1)] if use_component else [])
-    u = jax.lax.fori_loop(0, newton_steps, newton, jnp.concatenate(parts, axis=1))
-    _, hess = task_derivatives(u)
-    _, decrement = newton_direction(u)
-    eps = jnp.finfo(dtype).eps
+    u = jax.lax.fori_loop(0, steps, newton, u0)
+    return u, direction(u)[1]
+
+
+def _laplace_terms(values, hess, decrement, counts, r: int):
+    r"""Per-task Laplace values :math:`f_i + \tfrac r2\log2\pi - \tfrac12\log\det(-H_i)` and validity.
+
+    Valid when every :math:`-H_i` is positive definite and every Newton decrement is below
+    :math:`\sqrt{\varepsilon}(1 + n_i)` (the mode was reached).
+    """
+    eps = jnp.finfo(values.dtype).eps
     neg_chol = cholesky(-hess)
     positive = jnp.all(jnp.isfinite(neg_chol)) & jnp.all(jnp.diagonal(neg_chol, axis1=-2, axis2=-1) > 0)
-    values = task_value(u)
-    counts = segment_sum(jnp.ones_like(design.task, dtype), task, K + 1)[:K]
     reached = jnp.all(jnp.abs(decrement) <= jnp.sqrt(eps) * (1.0 + counts))
     logdet = 2.0 * jnp.log(jnp.diagonal(neg_chol, axis1=-2, axis2=-1)).sum(-1)
-    value = jnp.sum(values + 0.5 * r * LOG_2PI - 0.5 * logdet)
+    return values + 0.5 * r * LOG_2PI - 0.5 * logdet, positive & reached
+
+
+# --------------------------------------------------------------------- Laplace marginal
+def laplace_log_marginal(
+    params: MixtureParams,
+    design: MixtureDesign,
+    family: Family,
+    *,
+    use_mixing: bool,
+    use_component: bool,
+    newton_steps: int = 20,
+) -> tuple[Float[Array, ""], Bool[Array, ""]]:
+    r"""Per-task Laplace approximation of the log-likelihood with the random effects integrated out
+    (membership per observation).
+
+    For each task, with :math:`f_i(u)` its log-likelihood plus the log prior of
+    :math:`u = (a_i, \operatorname{vec} B_{1i}, \dots, \operatorname{vec} B_{gi})` (dimension ``r``):
+
+    .. math::
+
+        \log\int e^{f_i(u)}\,du \approx f_i(\hat u) + \tfrac r2\log 2\pi
+            - \tfrac12 \log\det(-\nabla^2 f_i(\hat u)).
+
+    The mode :math:`\hat u` is found from the BLUPs by :func:`newton_ascent`. Exact when
+    the integrand is Gaussian (the linear mixed model).
+
+    Returns:
+        ``(value, ok)``: the approximation and whether it is valid: every task's mode was
+        reached (Newton decrement below ``sqrt(eps)`` relative to the task's size) and
+        every :math:`-\nabla^2 f_i(\hat u)` is positive definite. A caller must not use
+        ``value`` when ``ok`` is false.
+    """
+    g = params.component_coef.shape[0]
+    K = params.mixing_effects.shape[0]
+    effect_shape = params.component_effects.shape[2:]  # [r, p]
+    dtype = design.y.dtype
+    zeros_a, zeros_b = jnp.zeros_like(params.mixing_effects), jnp.zeros_like(params.component_effects)
+    base_logits, base_means = linear_predictors(params, design, zeros_a, zeros_b)
+    prior_cov = _effects_prior_cov(params, use_mixing, use_component)
+    r = prior_cov.shape[0]
+    prior_chol = psd_cholesky(prior_cov)
+    prior_prec = cho_solve(prior_chol, jnp.eye(r, dtype=dtype))
+    prior_logdet = 2.0 * jnp.log(jnp.diagonal(prior_chol)).sum()
+
+    def unpack(u):  # u: [r] -> (a [g-1], B [g, r_c, p])
+        a = u[: g - 1] if use_mixing else jnp.zeros((g - 1,), u.dtype)
+        if use_component:
+            b = u[(g - 1) if use_mixing else 0:].reshape((g,) + effect_shape)
+        else:
+            b = jnp.zeros((g,) + effect_shape, u.dtype)
+        return a, b
+
+    def row_loglik(u, logits, means, y, z, trials):
+        a, b = unpack(u)
+        full = logits + jnp.concatenate([a, jnp.zeros((1,), a.dtype)])
+        eta = means + jnp.einsum("r,grp->gp", z, b)
+        dens = component_log_density(family, y[None], eta[None], params.component_cov, trials[None])[0]
+        return jax.nn.logsumexp(jax.nn.log_softmax(full) + dens)
+
+    row_value = jax.vmap(row_loglik)
+    row_grad = jax.vmap(jax.grad(row_loglik))
+    row_hess = jax.vmap(jax.hessian(row_loglik))
+    # Rows of unseen tasks have no effects of their own here: they are left out.
+    task = jnp.where(design.task < K, design.task, K)
+
+    def rows(u):
+        return u[jnp.minimum(task, K - 1)], base_logits, base_means, design.y, design.z_comp, design.trials
+
+    def task_value(u):
+        prior = -0.5 * (r * LOG_2PI + prior_logdet + jnp.einsum("ir,rs,is->i", u, prior_prec, u))
+        return segment_sum(row_value(*rows(u)), task, K + 1)[:K] + prior
+
+    def task_derivatives(u):
+        grad = segment_sum(row_grad(*rows(u)), task, K + 1)[:K] - u @ prior_prec
+        hess = segment_sum(row_hess(*rows(u)), task, K + 1)[:K] - prior_prec
+        return grad, hess
+
+    parts = ([params.mixing_effects] if use_mixing else []) + (
+        [params.component_effects.reshape(K, -1)] if use_component else [])
+    u, decrement = newton_ascent(task_value, task_derivatives, jnp.concatenate(parts, axis=1), newton_steps)
+    counts = segment_sum(jnp.ones_like(design.task, dtype), task, K + 1)[:K]
+    values, ok = _laplace_terms(task_value(u), task_derivatives(u)[1], decrement, counts, r)
+    value = jnp.sum(values)
     if design.num_tasks > K:  # rows of tasks without effects: integrate them out per row
-        unseen_rows = population_log_predictive(params, design, use_mixing, use_component)
+        unseen_rows = population_log_predictive(params, design, family, use_mixing, use_component)
         value = value + jnp.sum(jnp.where(design.task >= K, unseen_rows, 0.0))
-    return value, positive & reached & jnp.isfinite(value)
+    return value, ok & jnp.isfinite(value)
 
 
 def _effects_prior_cov(params: MixtureParams, use_mixing: bool, use_component: bool):
-    """Block-diagonal prior covariance of one task's ``u = (a_i, b_i)`` ``[r, r]``."""
+    """Block-diagonal prior covariance of one task's ``u = (a_i, vec B_1i, ..., vec B_gi)`` ``[r, r]``."""
     blocks = ([params.mixing_cov] if use_mixing else []) + (
-        [diag_embed(params.component_var.reshape(-1))] if use_component else [])
+        list(params.component_effects_cov) if use_component else [])
     return jax.scipy.linalg.block_diag(*blocks)
+
+
+# ------------------------------------------------------- per-task, per-class marginals
+def class_log_marginals(
+    params: MixtureParams,
+    design: MixtureDesign,
+    family: Family,
+    *,
+    use_component: bool,
+    quadrature_points: int = 1,
+    newton_steps: int = 20,
+) -> tuple[Float[Array, "K g"], Bool[Array, ""]]:
+    r"""Log marginal density of each task's rows under each component, :math:`\log m_{ih}`.
+
+    .. math::
+
+        m_{ih} = \int \prod_{j\in i} f_h(y_j \mid W_h^Tx_j + B^Tz_j + o_j)\,
+                 \mathcal N(\operatorname{vec}B;\ 0, \Phi_h)\, dB,
+
+    the density of task ``i`` when all its rows belong to component ``h`` (membership per
+    task; for ``g = 1`` the GLMM's marginal). The integral is by Laplace at the mode found
+    by :func:`newton_ascent` (exact for the Gaussian family), or, with
+    ``quadrature_points > 1`` and a scalar effect, by adaptive Gauss-Hermite quadrature
+    centred at the mode and scaled by the curvature there:
+
+    .. math::
+
+        m_{ih} \approx \sqrt2\,\hat\sigma \sum_k w_k e^{x_k^2} e^{f(\hat u + \sqrt2\hat\sigma x_k)},
+        \qquad \hat\sigma = (-f''(\hat u))^{-1/2},
+
+    which is the Laplace approximation for one point. Without component effects
+    :math:`m_{ih}` is the plain product of densities.
+
+    Returns:
+        ``(log_m [K, g], ok)``; ``ok`` as in :func:`laplace_log_marginal`.
+    """
+    g = params.component_coef.shape[0]
+    K = params.component_effects.shape[0]
+    dtype = design.y.dtype
+    zeros_b = jnp.zeros_like(params.component_effects)
+    _, base = linear_predictors(params, design, jnp.zeros_like(params.mixing_effects), zeros_b)  # [n, g, p]
+    task = jnp.where(design.task < K, design.task, K)
+    counts = segment_sum(jnp.ones_like(design.task, dtype), task, K + 1)[:K]
+    if not use_component:
+        dens = component_log_density(family, design.y, base, params.component_cov, design.trials)
+        return segment_sum(dens, task, K + 1)[:K], jnp.all(jnp.isfinite(dens))
+    r_c, p = params.component_effects.shape[2:]
+    d = r_c * p
+
+    def one_component(means, cov, effects_cov, start):
+        task_value, task_derivatives = _class_functions(family, design, task, K, means, cov, effects_cov, r_c)
+        u, decrement = newton_ascent(task_value, task_derivatives, start, newton_steps)
+        hess = task_derivatives(u)[1]
+        values, ok = _laplace_terms(task_value(u), hess, decrement, counts, d)
+        if quadrature_points > 1:
+            x, w = np.polynomial.hermite.hermgauss(quadrature_points)
+            scale = jnp.sqrt(2.0 / -hess[:, 0, 0])  # sqrt(2) sigma-hat [K]
+            at_nodes = jax.vmap(lambda node: task_value(u + (scale * node)[:, None]))(jnp.asarray(x, dtype))
+            log_w = jnp.asarray(np.log(w) + x**2, dtype)
+            values = jnp.log(scale) + jax.nn.logsumexp(at_nodes + log_w[:, None], axis=0)
+        return values, ok
+
+    start = params.component_effects.reshape(K, g, d).swapaxes(0, 1)
+    values, ok = jax.vmap(one_component, in_axes=(1, 0, 0, 0))(
+        base, params.component_cov, params.component_effects_cov, start)
+    return values.T, jnp.all(ok)
+
+
+def _class_functions(family: Family, design: MixtureDesign, task, K: int, means, cov, effects_cov, r_c: int):
+    r"""``(task_value, task_derivatives)`` of :math:`f_i(u) = \sum_{j\in i}\log f(y_j\mid\eta_j + Z_j^Tu)
+    + \log\mathcal N(u; 0, \Phi)` for one component (``means`` its predictors ``[n, p]``
+    without effects; rows with ``task == K`` left out); ``u [K, d]``."""
+    dtype = design.y.dtype
+    p = means.shape[-1]
+    d = r_c * p
+    prior_chol = psd_cholesky(effects_cov)
+    prior_prec = cho_solve(prior_chol, jnp.eye(d, dtype=dtype))
+    prior_logdet = 2.0 * jnp.log(jnp.diagonal(prior_chol)).sum()
+
+    def row_loglik(u, mean, y, z, trials):
+        eta = mean + z @ u.reshape(r_c, p)
+        return component_log_density(family, y[None], eta[None, None], cov[None], trials[None])[0, 0]
+
+    def rows(u):
+        return u[jnp.minimum(task, K - 1)], means, design.y, design.z_comp, design.trials
+
+    def task_value(u):
+        prior = -0.5 * (d * LOG_2PI + prior_logdet + jnp.einsum("ir,rs,is->i", u, prior_prec, u))
+        return segment_sum(jax.vmap(row_loglik)(*rows(u)), task, K + 1)[:K] + prior
+
+    def task_derivatives(u):
+        grad = segment_sum(jax.vmap(jax.grad(row_loglik))(*rows(u)), task, K + 1)[:K] - u @ prior_prec
+        hess = segment_sum(jax.vmap(jax.hessian(row_loglik))(*rows(u)), task, K + 1)[:K] - prior_prec
+        return grad, hess
+
+    return task_value, task_derivatives
+
+
+def class_effect_precisions(params: MixtureParams, design: MixtureDesign, family: Family) -> Float[Array, "g K d d"]:
+    r"""Membership per task: :math:`-\nabla^2 f_{ih}` at the stored effects, the precision of
+    each task's effects given its component (their conditional covariance is the inverse)."""
+    g, K = params.component_coef.shape[0], params.component_effects.shape[0]
+    r_c, p = params.component_effects.shape[2:]
+    _, base = linear_predictors(params, design, jnp.zeros_like(params.mixing_effects),
+                                jnp.zeros_like(params.component_effects))
+    task = jnp.where(design.task < K, design.task, K)
+
+    def one_component(means, cov, effects_cov, effects):
+        _, task_derivatives = _class_functions(family, design, task, K, means, cov, effects_cov, r_c)
+        return -task_derivatives(effects)[1]
+
+    effects = params.component_effects.reshape(K, g, r_c * p).swapaxes(0, 1)
+    return jax.vmap(one_component, in_axes=(1, 0, 0, 0))(base, params.component_cov,
+                                                         params.component_effects_cov, effects)
+
+
+def task_log_proportions(params: MixtureParams, design: MixtureDesign) -> Float[Array, "K g"]:
+    r"""Each task's :math:`\log\pi_h(x^m_i)` (membership per task: covariates constant within a task).
+
+    The row log-proportions averaged over the task's rows (equal to any one row's).
+    """
+    K = params.component_effects.shape[0]
+    logits = mixing_logits(params.mixing_coef, design.x_mix, jnp.zeros(design.x_mix.shape[:1] + (
+        params.mixing_coef.shape[0],), design.y.dtype))
+    task = jnp.where(design.task < K, design.task, K)
+    counts = segment_sum(jnp.ones_like(design.task, design.y.dtype), task, K + 1)[:K]
+    total = segment_sum(jax.nn.log_softmax(logits, axis=-1), task, K + 1)[:K]
+    return total / jnp.maximum(counts, 1.0)[:, None]
 
 
 # ------------------------------------------------------------- unseen tasks (population)
@@ -235,44 +414,66 @@ def gauss_hermite_nodes(dim: int, dtype, budget: int = 4096) -> tuple[np.ndarray
     return nodes.astype(dtype), log_w.astype(dtype)
 
 
-def population_mixing(params: MixtureParams, design: MixtureDesign, use_mixing: bool):
-    """Nodes of the mixing effects ``a = L z`` and their log weights, for integrating ``a`` out."""
+def population_proportions(params, design, use_mixing: bool) -> Float[Array, "n g"]:
+    r"""Mixing proportions with the mixing effects integrated out, :math:`E_a\,\pi_h(x^m, a)`, ``[n, g]``."""
     g1 = params.mixing_coef.shape[0]
-    dim = g1 if use_mixing else 0
-    nodes, log_w = gauss_hermite_nodes(dim, design.y.dtype)
-    if dim:
-        nodes = jnp.asarray(nodes) @ psd_cholesky(params.mixing_cov).T
-    else:
-        nodes = jnp.zeros((1, g1), design.y.dtype)
-    return nodes, jnp.asarray(log_w)
+    nodes, log_w = gauss_hermite_nodes(g1 if use_mixing else 0, design.y.dtype)
+    nodes = jnp.asarray(nodes) @ psd_cholesky(params.mixing_cov).T if use_mixing else jnp.zeros((1, g1), design.y.dtype)
+    logits = (design.x_mix @ params.mixing_coef.T)[None] + nodes[:, None, :]
+    logits = jnp.concatenate([logits, jnp.zeros(logits.shape[:2] + (1,), logits.dtype)], axis=-1)
+    return jnp.einsum("m,mng->ng", jnp.exp(jnp.asarray(log_w)), jax.nn.softmax(logits, axis=-1))
 
 
-def population_log_predictive(params, design, use_mixing: bool, use_component: bool) -> Float[Array, " n"]:
+def _effect_nodes(params: MixtureParams, dtype):
+    """Gauss-Hermite nodes of each component's ``vec B ~ N(0, Phi_h)``: ``[g, m, r, p]`` and log weights ``[m]``."""
+    g, r_c, p = params.component_effects.shape[1:]
+    nodes, log_w = gauss_hermite_nodes(r_c * p, dtype)
+    scaled = jnp.einsum("me,gde->gmd", jnp.asarray(nodes), psd_cholesky(params.component_effects_cov))
+    return scaled.reshape(g, -1, r_c, p), jnp.asarray(log_w)
+
+
+def population_log_predictive(params, design, family: Family, use_mixing: bool,
+                              use_component: bool) -> Float[Array, " n"]:
     r"""Log density of each row with its task's effects integrated out, ``[n]``.
+
+    As the mixing effects ``a`` and the component effects ``B`` are independent,
 
     .. math::
 
-        \log \int \sum_h \pi_h(x^m, a)\, \mathcal N_p(y;\ W_h^T x^c,\ \Sigma_h +
-        \operatorname{diag}\phi_h)\ \mathcal N(a; 0, \Lambda)\, da,
+        p(y) = \sum_h E_a[\pi_h(x^m, a)]\; E_B[f_h(y \mid W_h^Tx^c + B^Tz + o)],
 
-    the component effects in closed form and ``a`` by Gauss-Hermite quadrature
-    (:func:`gauss_hermite_nodes`).
+    :math:`E_a` by Gauss-Hermite quadrature (:func:`population_proportions`); :math:`E_B`
+    in closed form for the Gaussian family (covariance :math:`\Sigma_h + Z^T\Phi_hZ`, with
+    :math:`Z = z\otimes I_p`) and by Gauss-Hermite quadrature over ``vec B`` otherwise.
     """
-    nodes, log_w = population_mixing(params, design, use_mixing)
-    base = design.x_mix @ params.mixing_coef.T  # [n, g-1]
-    logits = base[None] + nodes[:, None, :]  # [m, n, g-1]
-    logits = jnp.concatenate([logits, jnp.zeros(logits.shape[:2] + (1,), logits.dtype)], axis=-1)
-    cov = params.component_cov + (diag_embed(params.component_var) if use_component else 0.0)
-    means = jnp.einsum("nq,gqp->ngp", design.x_comp, params.component_coef)
-    dens = mvn_logpdf(design.y[:, None, :], means, cov)  # [n, g]
-    per_node = jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1) + dens[None], axis=-1)  # [m, n]
-    return jax.nn.logsumexp(per_node + log_w[:, None], axis=0)
+    log_pi = jnp.log(population_proportions(params, design, use_mixing))
+    zeros_b = jnp.zeros_like(params.component_effects)
+    _, base = linear_predictors(params, design, jnp.zeros_like(params.mixing_effects), zeros_b)
+    z = design.z_comp
+    if not use_component:
+        dens = component_log_density(family, design.y, base, params.component_cov, design.trials)
+    elif family.is_gaussian:
+        p = design.y.shape[1]
+        rows = jnp.einsum("nr,kl->nrkl", z, jnp.eye(p, dtype=z.dtype)).reshape(z.shape[0], -1, p)  # Z_j [n, d, p]
+        cov = params.component_cov[None] + jnp.einsum("ndk,gde,nel->ngkl", rows, params.component_effects_cov, rows)
+        dens = mvn_logpdf(design.y[:, None, :], base, cov)
+    else:
+        nodes, log_w = _effect_nodes(params, design.y.dtype)
+        eta = base[:, :, None, :] + jnp.einsum("nr,gmrp->ngmp", z, nodes)  # [n, g, m, p]
+        per_node = family.log_density(design.y[:, None, None, 0], eta[..., 0], design.trials[:, None, None])
+        dens = jax.nn.logsumexp(per_node + log_w, axis=-1)
+    return jax.nn.logsumexp(log_pi + dens, axis=-1)
 
 
-def population_proportions(params, design, use_mixing: bool) -> Float[Array, "n g"]:
-    r"""Mixing proportions with the mixing effects integrated out, :math:`E_a\,\pi_h(x^m, a)`, ``[n, g]``."""
-    nodes, log_w = population_mixing(params, design, use_mixing)
-    base = design.x_mix @ params.mixing_coef.T
-    logits = base[None] + nodes[:, None, :]
-    logits = jnp.concatenate([logits, jnp.zeros(logits.shape[:2] + (1,), logits.dtype)], axis=-1)
-    return jnp.einsum("m,mng->ng", jnp.exp(log_w), jax.nn.softmax(logits, axis=-1))
+def population_means(params, design, family: Family, use_mixing: bool, use_component: bool) -> Float[Array, "n p"]:
+    r"""Mean response of each row with its task's effects integrated out, :math:`\sum_h E_a[\pi_h] E_B[\mu(\eta_h)]`."""
+    pi = population_proportions(params, design, use_mixing)
+    zeros_b = jnp.zeros_like(params.component_effects)
+    _, base = linear_predictors(params, design, jnp.zeros_like(params.mixing_effects), zeros_b)
+    if family.is_gaussian or not use_component:
+        mean = family.mean(base)
+    else:
+        nodes, log_w = _effect_nodes(params, design.y.dtype)
+        eta = base[:, :, None, :] + jnp.einsum("nr,gmrp->ngmp", design.z_comp, nodes)
+        mean = jnp.einsum("m,ngmp->ngp", jnp.exp(log_w), family.mean(eta))
+    return jnp.einsum("ng,ngp->np", pi, mean)

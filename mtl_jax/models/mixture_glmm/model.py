@@ -1,28 +1,42 @@
-r"""The multitask mixture of Gaussian GLMs with task random effects: :class:`MixtureGLMM`.
+r"""The multitask mixture of GLMs with task random effects: :class:`MixtureGLMM`.
 
 For task :math:`i` and observation :math:`j` with mixing covariates
-:math:`x^m_{ij}\in\mathbb R^{q_m}` and component covariates :math:`x^c_{ij}\in\mathbb R^{q_c}`:
+:math:`x^m_{ij}\in\mathbb R^{q_m}`, component covariates :math:`x^c_{ij}\in\mathbb R^{q_c}`
+and random-effect covariates :math:`z_{ij}\in\mathbb R^{r}` (a subset of the component
+columns, by default the intercept):
 
 .. math::
 
     \pi_h(x^m_{ij}, a_i) = \operatorname{softmax}_h\big(v_1^T x^m_{ij} + a_{1i}, \dots,
         v_{g-1}^T x^m_{ij} + a_{(g-1)i},\; 0\big),
 
-    y_{ij} \mid z_{ij}=h \sim \mathcal N_p\big(W_h^T x^c_{ij} + b_{hi},\; \Sigma_h\big),
+    \eta_{hij} = W_h^T x^c_{ij} + B_{hi}^T z_{ij} + o_{ij}, \qquad
+    y_{ij} \mid z_{ij}=h \sim f(\,\cdot\mid\eta_{hij}),
 
-    a_i \sim \mathcal N_{g-1}(0, \Lambda), \qquad b_{hi} \sim \mathcal N_p\big(0, \operatorname{diag}(\phi_h)\big).
+    a_i \sim \mathcal N_{g-1}(0, \Lambda), \qquad \operatorname{vec}B_{hi} \sim \mathcal N_{rp}(0, \Phi_h),
 
-With :math:`p=1` and a diagonal :math:`\Lambda` this is equations (3), (5) and (10) of the
-mixture-GLMM paper. :math:`\Lambda` is a full covariance so that relabelling the components
-(which re-expresses the logits against another reference) is an exact symmetry. Either
-random-effect part can be switched off: without both it is the mixture of regressions with
-concomitant covariates (the paper's "independence" model); with ``num_components=1`` and
-component effects it is the linear mixed model.
+with ``f`` one of the families of :mod:`~mtl_jax.models.mixture_glmm.families` (Gaussian
+:math:`\mathcal N_p(\eta, \Sigma_h)`; Bernoulli, binomial, Poisson with canonical links and
+``p = 1``) and ``o`` an optional offset. :math:`\Phi_h` is a full covariance, its diagonal,
+or :math:`\phi_h I` (``random_effects_covariance``). With ``p = 1``, random intercepts and
+a diagonal :math:`\Lambda` this is equations (3), (5) and (10) of the mixture-GLMM paper.
 
-This module is the model (protocol of :mod:`mtl_jax.models.protocol`): design, densities,
-NumPyro program, prediction, labels, simulation. Its EM algorithm is in
-:mod:`~mtl_jax.models.mixture_glmm.em`, the densities in
-:mod:`~mtl_jax.models.mixture_glmm.likelihood`, the standard errors in
+**Membership.** Per observation (``membership="observation"``, eq. 3), each row has its
+own label. Per task (``"task"``, the latent-class mixed model of lcmm and flexmix's
+``y ~ x | task``), all rows of a task share one label, the mixing covariates must be
+constant within a task, there are no mixing random effects, and the posterior class
+probabilities of the training tasks are part of the fit (``class_logits``).
+
+Either random-effect part can be switched off: without both it is the mixture of
+regressions with concomitant covariates (the paper's "independence" model); with
+``num_components=1`` and component effects it is the GLMM.
+
+This module is the model (protocol of :mod:`mtl_jax.models.protocol`). Its EM algorithm
+is in :mod:`~mtl_jax.models.mixture_glmm.em`, the densities in
+:mod:`~mtl_jax.models.mixture_glmm.likelihood`, the design in
+:mod:`~mtl_jax.models.mixture_glmm.design`, the NumPyro program in
+:mod:`~mtl_jax.models.mixture_glmm.program`, the names in
+:mod:`~mtl_jax.models.mixture_glmm.naming`, the standard errors in
 :mod:`~mtl_jax.models.mixture_glmm.variance`.
 """
 
@@ -35,41 +49,57 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pandas as pd
 from jaxtyping import Array, Float
 
 from mtl_jax.data import TaskData
-from mtl_jax.linalg import cholesky, psd_cholesky, solve_triangular
-from mtl_jax.models.mixture_glmm import em, likelihood, variance
+from mtl_jax.linalg import cholesky, psd_cholesky
+from mtl_jax.models.mixture_glmm import design as design_module
+from mtl_jax.models.mixture_glmm import em, likelihood, naming, program, variance
+from mtl_jax.models.mixture_glmm.families import FAMILIES, Family
 from mtl_jax.models.mixture_glmm.params import POPULATION_FIELDS, MixtureDesign, MixtureParams, MixturePriors
 from mtl_jax.models.protocol import register
-
-#: Smallest random-effect sd used when mapping a point to the NumPyro sites: a variance
-#: estimated at its floor would otherwise sit far out in the unconstrained space.
-MIN_SD = 1e-3
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class MixtureGLMM:
-    """Static description of a multitask mixture of Gaussian GLMs.
+    """Static description of a multitask mixture of GLMs with task random effects.
 
     Attributes:
         num_components: ``g``.
         covariates: source columns of the component means (``None``: all columns).
         mixing_covariates: source columns of the mixing proportions (``None``: all).
-        mixing_random_effects: task random intercepts ``a_i`` in the mixing logits.
-        component_random_effects: task random intercepts ``b_hi`` in the component means.
+        family: ``"gaussian"``, ``"bernoulli"``, ``"binomial"`` (trials from the data) or
+            ``"poisson"``, each with its canonical link.
+        random_slopes: source columns of the data with component random effects (slopes),
+            besides the random intercept.
+        random_intercept: whether the component effects include a random intercept.
+        random_effects_covariance: structure of each ``Phi_h``: ``"full"``, ``"diagonal"``
+            or ``"identity"`` (``phi_h I``, one variance per component).
+        membership: ``"observation"`` (a label per row, the paper's eq. 3) or ``"task"``
+            (a label per task).
+        mixing_random_effects: task random intercepts ``a_i`` in the mixing logits;
+            ``None``: on for membership per observation, off per task (where they are
+            not allowed).
+        component_random_effects: task random effects ``B_hi`` in the components.
+        quadrature_points: points of the adaptive Gauss-Hermite rule for each task's
+            marginal (1: the Laplace approximation, lme4's ``nAGQ``); more than 1 needs a
+            single scalar effect per task and component, with membership per task or
+            ``g = 1``.
         residual_update: ``"reml"`` adds the posterior covariance of the fitted means to the
-            residual covariance update (exact REML for the linear mixed model); ``"ml"`` is
-            the plain weighted residual covariance.
+            residual covariance update and the fixed effects' uncertainty to the effects'
+            covariance update (exact REML for the linear mixed model, the paper's
+            approximate REML otherwise); ``"ml"`` leaves the fixed effects' uncertainty out
+            (per task or for ``g = 1``: EM for the marginal likelihood, the criterion of
+            lme4's ``REML=FALSE``, lcmm and flexmix; per observation with ``g > 1``: the
+            plain weighted residual covariance, which maximises ``L`` given the effects).
+            ``None``: ``"ml"`` for membership per task, ``"reml"`` otherwise.
         variance_floor: every variance lives at or above this fraction of its scale (1 for
-            the logit-scale ``Lambda``, the response variance for ``phi`` and ``Sigma``), so
-            that a collapsing component or a vanishing variance component cannot make the
-            likelihood infinite. A variance within 10 times its floor is reported as at the
-            boundary.
+            the logit-scale ``Lambda``, the response variance for ``Phi`` and ``Sigma`` of
+            a Gaussian family, 1 on the link scale otherwise), so that a collapsing
+            component or a vanishing variance component cannot make the likelihood
+            infinite. A variance within 10 times its floor is reported as at the boundary.
         priors: prior scales of the NumPyro program (SVI, NUTS).
     """
 
@@ -79,46 +109,86 @@ class MixtureGLMM:
     num_components: int
     covariates: tuple[str, ...] | None = None
     mixing_covariates: tuple[str, ...] | None = None
-    mixing_random_effects: bool = True
+    family: Literal["gaussian", "bernoulli", "binomial", "poisson"] = "gaussian"
+    random_slopes: tuple[str, ...] = ()
+    random_intercept: bool = True
+    random_effects_covariance: Literal["full", "diagonal", "identity"] = "full"
+    membership: Literal["observation", "task"] = "observation"
+    mixing_random_effects: bool | None = None
     component_random_effects: bool = True
-    residual_update: Literal["reml", "ml"] = "reml"
+    quadrature_points: int = 1
+    residual_update: Literal["reml", "ml"] | None = None
     variance_floor: float = 1e-6
     priors: MixturePriors = MixturePriors()
 
     def __post_init__(self):
         if not isinstance(self.num_components, (int, np.integer)) or self.num_components < 1:
             raise ValueError(f"num_components must be an integer >= 1, got {self.num_components!r}")
-        if self.residual_update not in ("reml", "ml"):
-            raise ValueError(f"residual_update must be 'reml' or 'ml', got {self.residual_update!r}")
-        for name in ("covariates", "mixing_covariates"):
+        choices = {"family": FAMILIES, "random_effects_covariance": ("full", "diagonal", "identity"),
+                   "membership": ("observation", "task"), "residual_update": ("reml", "ml", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("covariates", "mixing_covariates", "random_slopes"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.residual_update is None:
+            object.__setattr__(self, "residual_update", "ml" if self.membership == "task" else "reml")
+        if self.mixing_random_effects is None:
+            object.__setattr__(self, "mixing_random_effects", self.membership == "observation")
+        if self.membership == "task" and self.mixing_random_effects and self.num_components > 1:
+            raise ValueError("membership per task has one label per task, so the mixing logits take no task "
+                             "random effects: set mixing_random_effects=False (or leave it None)")
+        if not isinstance(self.quadrature_points, (int, np.integer)) or self.quadrature_points < 1:
+            raise ValueError(f"quadrature_points must be an integer >= 1, got {self.quadrature_points!r}")
+        if self.quadrature_points > 1:
+            scalar = (self.component_random_effects and self.random_intercept + len(self.random_slopes) == 1
+                      and (self.membership == "task" or self.num_components == 1))
+            if not scalar:
+                raise ValueError("quadrature_points > 1 (adaptive Gauss-Hermite) needs one scalar component effect "
+                                 "per task (a random intercept or a single slope) with membership per task or "
+                                 "num_components=1; use the Laplace approximation (quadrature_points=1) otherwise")
         if isinstance(self.priors, dict):
             object.__setattr__(self, "priors", MixturePriors(**self.priors))
 
     @property
+    def response_family(self) -> Family:
+        """The :class:`~mtl_jax.models.mixture_glmm.families.Family` of the components."""
+        return Family(self.family)
+
+    @property
     def has_mixing_effects(self) -> bool:
-        """Whether mixing random effects are present (they need ``g >= 2``)."""
-        return self.mixing_random_effects and self.num_components > 1
+        """Whether mixing random effects are present (they need ``g >= 2`` and membership per observation)."""
+        return bool(self.mixing_random_effects) and self.num_components > 1 and self.membership == "observation"
 
     @property
     def has_random_effects(self) -> bool:
         """Whether any task random effect is present."""
         return self.has_mixing_effects or self.component_random_effects
 
+    @property
+    def random_intercept_only(self) -> bool:
+        """Whether the component effects are random intercepts alone (the fast path of the M-step)."""
+        return self.random_intercept and not self.random_slopes
+
+    @property
+    def per_task_marginal(self) -> bool:
+        """Whether the marginal factorises over tasks and components (membership per task, or ``g = 1``)."""
+        return self.membership == "task" or self.num_components == 1
+
     # ----------------------------------------------------------------- data
     def design(self, data) -> MixtureDesign:
-        """This model's arrays from a :class:`mtl_jax.data.TaskData` (a design passes through)."""
+        """This model's arrays from a :class:`mtl_jax.data.TaskData` (a design passes through, checked).
+
+        Raises:
+            DataError: for responses the family cannot take, or mixing covariates that vary
+                within a task under membership per task (naming column, row and task).
+        """
         if isinstance(data, MixtureDesign):
+            design_module.check_design(self, data, {})
             return data
-        return MixtureDesign(
-            y=data.y,
-            x_comp=data.X[:, data.columns_for(self.covariates)],
-            x_mix=data.X[:, data.columns_for(self.mixing_covariates)],
-            task=data.task,
-            num_tasks=data.num_tasks,
-        )
+        return design_module.build_design(self, data)
 
     def labels(self, data) -> dict[str, Any]:
         """Task, column and response names (default names for a raw design)."""
@@ -128,44 +198,73 @@ class MixtureGLMM:
                 "component_columns": [f"x{i}" for i in range(data.x_comp.shape[1])],
                 "mixing_columns": [f"x{i}" for i in range(data.x_mix.shape[1])],
                 "response_names": [f"y{i}" for i in range(data.y.shape[1])],
+                "random_effect_columns": ["intercept"] if data.z_comp.shape[1] == 1 else [
+                    f"z{i}" for i in range(data.z_comp.shape[1])],
             }
+        random_columns = design_module.random_effect_columns(self, data) if self.component_random_effects else [0]
         return {
             "task_names": list(data.task_names),
             "component_columns": [data.columns[i] for i in data.columns_for(self.covariates)],
             "mixing_columns": [data.columns[i] for i in data.columns_for(self.mixing_covariates)],
             "response_names": list(data.response_names),
+            "random_effect_columns": [data.columns[i] for i in random_columns],
         }
 
     # ------------------------------------------------------------ densities
     def linear_predictors(self, params: MixtureParams, design: MixtureDesign):
-        """Mixing logits ``[n, g]`` (last column 0) and component means ``[n, g, p]``."""
+        """Mixing logits ``[n, g]`` (last column 0) and component linear predictors ``[n, g, p]``."""
         return likelihood.linear_predictors(params, design, params.mixing_effects, params.component_effects)
 
     def log_joint(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n g"]:
         r"""``log pi_h(x_ij) + log f_h(y_ij)`` given the current random effects."""
-        logits, means = self.linear_predictors(params, design)
-        return likelihood.log_joint(logits, means, params.component_cov, design.y)
+        logits, eta = self.linear_predictors(params, design)
+        return likelihood.log_joint(self.response_family, logits, eta, params.component_cov, design)
 
     def responsibilities(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n g"]:
-        r"""E-step (eq. 9): ``tau_hij = pi_h f_h / sum_l pi_l f_l``."""
+        r"""Each row's posterior label probabilities: eq. (9) per observation, the task's per task."""
+        if self.membership == "task":
+            return jnp.exp(self.class_log_probabilities(params, design))[design.task]
         return jax.nn.softmax(self.log_joint(params, design), axis=-1)
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def class_log_probabilities(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "K g"]:
+        r"""Membership per task: :math:`\log P(z_i = h \mid y_i)` of every task (E-step, :func:`em.task_responsibilities`)."""
+        return em.task_responsibilities(self, params, design)[0]
+
     def objective(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, ""]:
-        """``L = L1 + L2`` (eq. 7), the function the EM steps increase."""
+        """``L = L1 + L2`` (eq. 7), the function the EM steps increase (membership per observation)."""
         return em.complete_objective(self, params, design)
 
     @functools.partial(jax.jit, static_argnums=0)
     def laplace(self, params: MixtureParams, design: MixtureDesign):
-        """``(value, ok)`` of :func:`~mtl_jax.models.mixture_glmm.likelihood.laplace_log_marginal`."""
+        """``(value, ok)``: the marginal log-likelihood and whether its approximation is valid.
+
+        Per task (membership per task, or ``g = 1``):
+        :math:`\\sum_i\\log\\sum_h\\pi_h m_{ih}` with
+        :func:`~mtl_jax.models.mixture_glmm.likelihood.class_log_marginals`; otherwise
+        :func:`~mtl_jax.models.mixture_glmm.likelihood.laplace_log_marginal`. Exact without
+        random effects and for Gaussian components with membership per task or ``g = 1``.
+        """
+        family = self.response_family
+        if self.per_task_marginal:
+            log_m, ok = likelihood.class_log_marginals(params, design, family,
+                                                       use_component=self.component_random_effects,
+                                                       quadrature_points=self.quadrature_points)
+            value = jax.nn.logsumexp(likelihood.task_log_proportions(params, design) + log_m, axis=-1).sum()
+            K = params.component_effects.shape[0]
+            if design.num_tasks > K:
+                unseen = likelihood.population_log_predictive(params, design, family, False,
+                                                              self.component_random_effects)
+                value = value + jnp.sum(jnp.where(design.task >= K, unseen, 0.0))
+            return value, ok & jnp.isfinite(value)
         if not self.has_random_effects:
             value = jax.nn.logsumexp(self.log_joint(params, design), axis=-1).sum()
             return value, jnp.isfinite(value)
-        return likelihood.laplace_log_marginal(
-            params, design, use_mixing=self.has_mixing_effects, use_component=self.component_random_effects
-        )
+        return likelihood.laplace_log_marginal(params, design, family, use_mixing=self.has_mixing_effects,
+                                               use_component=self.component_random_effects)
 
     def score(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, ""]:
-        """Marginal log-likelihood (per-task Laplace; exact without random effects and for the LMM).
+        """Marginal log-likelihood (see :meth:`laplace`).
 
         NaN where the Laplace approximation is invalid (mode not reached, or a task's
         negative Hessian not positive definite): such a point ranks no restart and sets no BIC.
@@ -178,14 +277,18 @@ class MixtureGLMM:
         return design.y.shape[0]
 
     def num_parameters(self, design: MixtureDesign) -> int:
-        """Free parameters counted by BIC: fixed effects, covariances, variance components."""
+        """Free parameters counted by BIC: fixed effects, dispersions, covariances of the effects."""
         g = self.num_components
         p, q_comp, q_mix = design.y.shape[1], design.x_comp.shape[1], design.x_mix.shape[1]
-        count = (g - 1) * q_mix + g * q_comp * p + g * p * (p + 1) // 2
+        count = (g - 1) * q_mix + g * q_comp * p
+        if self.response_family.is_gaussian:
+            count += g * p * (p + 1) // 2
         if self.has_mixing_effects:
             count += g * (g - 1) // 2
         if self.component_random_effects:
-            count += g * p
+            d = design.z_comp.shape[1] * p
+            per_component = {"full": d * (d + 1) // 2, "diagonal": d, "identity": 1}
+            count += g * per_component[self.random_effects_covariance]
         return count
 
     # ------------------------------------------------------------------- EM
@@ -194,7 +297,7 @@ class MixtureGLMM:
         return em.init(self, key, design)
 
     def em_step(self, params: MixtureParams, design: MixtureDesign, update_variance_components: bool = True):
-        """One EM iteration: new parameters and the stopping quantity ``h_A`` at the old ones."""
+        """One EM iteration: new parameters and the stopping quantity at the old ones."""
         return em.em_step(self, params, design, update_variance_components)
 
     def population(self, params: MixtureParams) -> dict[str, Array]:
@@ -202,58 +305,91 @@ class MixtureGLMM:
         return {field: getattr(params, field) for field in POPULATION_FIELDS}
 
     # ------------------------------------------------------------ prediction
-    def predict(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n p"]:
-        r"""Predictive mean :math:`\sum_h E[\pi_h](W_h^T x + b_{hi})`.
+    def _label_probabilities(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n g"]:
+        """Each row's label probabilities given its task's predicted effects (no response needed).
 
-        For a task seen in training the task's predicted effects are plugged in; for an
-        unseen task (id ``>= K``) the effects are integrated out: ``b`` has mean zero and
-        the mixing proportions are averaged over ``a ~ N(0, Lambda)`` by Gauss-Hermite.
+        Per observation: :math:`\\pi_h(x^m, \\hat a_i)`; per task: the task's posterior class
+        probabilities from training. Rows of unseen tasks: the population proportions
+        (mixing effects integrated out).
         """
-        logits, means = self.linear_predictors(params, design)
-        pi = jax.nn.softmax(logits, axis=-1)
+        if self.membership == "task":
+            pi = jnp.exp(likelihood.row_effects(params.class_logits, design.task))
+        else:
+            logits, _ = self.linear_predictors(params, design)
+            pi = jax.nn.softmax(logits, axis=-1)
         if design.num_tasks > params.mixing_effects.shape[0]:
             population = likelihood.population_proportions(params, design, self.has_mixing_effects)
             pi = jnp.where(likelihood.seen_rows(params, design)[:, None], pi, population)
-        return jnp.einsum("ng,ngp->np", pi, means)
+        return pi
+
+    def predict(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n p"]:
+        r"""Mean response :math:`\sum_h P(z=h)\,\mu(\eta_h)` (for binomial rows, per trial).
+
+        Seen tasks: the predicted effects plugged in, with the label probabilities of
+        :meth:`_label_probabilities`; unseen tasks (id ``>= K``): all effects integrated out
+        (:func:`~mtl_jax.models.mixture_glmm.likelihood.population_means`).
+        """
+        family = self.response_family
+        _, eta = self.linear_predictors(params, design)
+        plug_in = jnp.einsum("ng,ngp->np", self._label_probabilities(params, design), family.mean(eta))
+        if design.num_tasks > params.mixing_effects.shape[0]:
+            population = likelihood.population_means(params, design, family, self.has_mixing_effects,
+                                                     self.component_random_effects)
+            return jnp.where(likelihood.seen_rows(params, design)[:, None], plug_in, population)
+        return plug_in
 
     def log_predictive(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, " n"]:
         r"""Natural-log predictive density of each row's response.
 
-        Seen tasks: :math:`\log\sum_h \pi_h(x, \hat a_i) N(y; W_h^Tx + \hat b_{hi}, \Sigma_h)`;
-        unseen tasks: the effects integrated out
-        (:func:`~mtl_jax.models.mixture_glmm.likelihood.population_log_predictive`).
+        Seen tasks: :math:`\log\sum_h P(z=h)\, f_h(y\mid\hat\eta_h)` with the label
+        probabilities of :meth:`_label_probabilities`; unseen tasks: the effects integrated
+        out (:func:`~mtl_jax.models.mixture_glmm.likelihood.population_log_predictive`).
         """
-        plug_in = jax.nn.logsumexp(self.log_joint(params, design), axis=-1)
+        _, eta = self.linear_predictors(params, design)
+        dens = likelihood.component_log_density(self.response_family, design.y, eta, params.component_cov,
+                                                design.trials)
+        plug_in = jax.nn.logsumexp(jnp.log(self._label_probabilities(params, design)) + dens, axis=-1)
         if design.num_tasks > params.mixing_effects.shape[0]:
             population = likelihood.population_log_predictive(
-                params, design, self.has_mixing_effects, self.component_random_effects)
+                params, design, self.response_family, self.has_mixing_effects, self.component_random_effects)
             return jnp.where(likelihood.seen_rows(params, design), plug_in, population)
         return plug_in
 
     # ------------------------------------------------------------ simulation
     def sample_effects(self, key: Array, params: MixtureParams, num_tasks: int) -> MixtureParams:
-        """Draw ``a_i ~ N(0, Lambda)`` and ``b_i ~ N(0, diag phi)`` for ``num_tasks`` tasks."""
+        """Draw ``a_i ~ N(0, Lambda)`` and ``vec B_hi ~ N(0, Phi_h)`` for ``num_tasks`` tasks."""
         g = self.num_components
-        p = params.component_coef.shape[-1]
+        r_c, p = params.component_effects.shape[2:]
         dtype = params.component_coef.dtype
         key_a, key_b = jax.random.split(key)
         z = jax.random.normal(key_a, (num_tasks, g - 1), dtype)
         a = z @ psd_cholesky(params.mixing_cov).T if g > 1 else z
-        b = jax.random.normal(key_b, (num_tasks, g, p), dtype) * jnp.sqrt(params.component_var)
-        return params._replace(mixing_effects=a, component_effects=b)
+        noise = jax.random.normal(key_b, (num_tasks, g, r_c * p), dtype)
+        b = jnp.einsum("hde,ihe->ihd", psd_cholesky(params.component_effects_cov), noise)
+        return params._replace(mixing_effects=a, component_effects=b.reshape(num_tasks, g, r_c, p),
+                               class_logits=jnp.zeros((num_tasks, g), dtype))
 
     def simulate(self, key: Array, params: MixtureParams, design: MixtureDesign) -> tuple[Array, Array]:
         """Draw labels ``z [n]`` and responses ``y [n, p]`` at the design's covariates.
 
-        The random effects are taken from ``params`` (see :meth:`sample_effects`).
+        The random effects are taken from ``params`` (see :meth:`sample_effects`); with
+        membership per task one label is drawn per task from its mixing proportions.
         """
         key_z, key_y = jax.random.split(key)
-        logits, means = self.linear_predictors(params, design)
-        z = jax.random.categorical(key_z, logits, axis=-1)
-        chol = cholesky(params.component_cov)
-        noise = jax.random.normal(key_y, means.shape[:1] + means.shape[2:], means.dtype)
-        y = jnp.take_along_axis(means, z[:, None, None], axis=1)[:, 0] + jnp.einsum("npk,nk->np", chol[z], noise)
-        return z, y
+        logits, eta = self.linear_predictors(params, design)
+        if self.membership == "task":
+            log_pi = likelihood.task_log_proportions(params, design)
+            z = jax.random.categorical(key_z, log_pi, axis=-1)[design.task]
+        else:
+            z = jax.random.categorical(key_z, logits, axis=-1)
+        chosen = jnp.take_along_axis(eta, z[:, None, None], axis=1)[:, 0]  # [n, p]
+        family = self.response_family
+        if family.is_gaussian:
+            chol = cholesky(params.component_cov)
+            noise = jax.random.normal(key_y, chosen.shape, chosen.dtype)
+            return z, chosen + jnp.einsum("npk,nk->np", chol[z], noise)
+        draws = family.distribution(chosen[:, 0], design.trials).sample(key_y)
+        return z, draws[:, None].astype(chosen.dtype)
 
     # ---------------------------------------------------------------- labels
     def relabel(self, params: MixtureParams, order) -> MixtureParams:
@@ -274,9 +410,10 @@ class MixtureGLMM:
             component_coef=params.component_coef[order],
             component_cov=params.component_cov[order],
             mixing_cov=transform @ params.mixing_cov @ transform.T,
-            component_var=params.component_var[order],
+            component_effects_cov=params.component_effects_cov[order],
             mixing_effects=params.mixing_effects @ transform.T,
             component_effects=params.component_effects[:, order],
+            class_logits=params.class_logits[:, order],
         )
 
     def align(self, params: MixtureParams, reference: MixtureParams) -> MixtureParams:
@@ -286,85 +423,44 @@ class MixtureGLMM:
         order = match_components(np.asarray(params.component_coef), np.asarray(reference.component_coef))
         return self.relabel(params, order)
 
+    # ----------------------------------------------------------- names, JSON
     def named_parameters(self, params: MixtureParams, labels: dict, leading: int = 0) -> dict[str, np.ndarray]:
-        """Population-level parameters by readable name, keeping ``leading`` batch axes.
-
-        Names: ``v[h, col]``, ``w[h, col]`` or ``w[h, col, response]``, ``sigma2[h]`` or
-        ``Sigma[h, k, l]``, ``lambda[h]`` (and ``lambda[h, k]`` off the diagonal for
-        ``g > 2``), ``phi[h]`` or ``phi[h, response]``; components are numbered from 1.
-        """
-        response_names = labels["response_names"]
-        p = len(response_names)
-        lead = (slice(None),) * leading
-        out: dict[str, np.ndarray] = {}
-        arrays = {field: np.asarray(getattr(params, field)) for field in POPULATION_FIELDS}
-        g = self.num_components
-        for h in range(g - 1):
-            for c, col in enumerate(labels["mixing_columns"]):
-                out[f"v[{h + 1}, {col}]"] = arrays["mixing_coef"][lead + (h, c)]
-        for h in range(g):
-            for c, col in enumerate(labels["component_columns"]):
-                for k, resp in enumerate(response_names):
-                    suffix = f", {resp}" if p > 1 else ""
-                    out[f"w[{h + 1}, {col}{suffix}]"] = arrays["component_coef"][lead + (h, c, k)]
-        for h in range(g):
-            if p == 1:
-                out[f"sigma2[{h + 1}]"] = arrays["component_cov"][lead + (h, 0, 0)]
-            else:
-                for k in range(p):
-                    for m in range(k, p):
-                        name = f"Sigma[{h + 1}, {response_names[k]}, {response_names[m]}]"
-                        out[name] = arrays["component_cov"][lead + (h, k, m)]
-        if self.has_mixing_effects:
-            for h in range(g - 1):
-                for k in range(h, g - 1):
-                    name = f"lambda[{h + 1}]" if k == h else f"lambda[{h + 1}, {k + 1}]"
-                    out[name] = arrays["mixing_cov"][lead + (h, k)]
-        if self.component_random_effects:
-            for h in range(g):
-                for k, resp in enumerate(response_names):
-                    suffix = f", {resp}" if p > 1 else ""
-                    out[f"phi[{h + 1}{suffix}]"] = arrays["component_var"][lead + (h, k)]
-        return out
+        """Population-level parameters by name (:func:`~mtl_jax.models.mixture_glmm.naming.named_parameters`)."""
+        return naming.named_parameters(self, params, labels, leading)
 
     def params_like(self, labels: dict) -> MixtureParams:
         """Zeros with the structure and shapes of a fit with these labels."""
-        g, K = self.num_components, len(labels["task_names"])
-        p, qc, qm = len(labels["response_names"]), len(labels["component_columns"]), len(labels["mixing_columns"])
-        return MixtureParams(
-            np.zeros((g - 1, qm)), np.zeros((g, qc, p)), np.zeros((g, p, p)), np.zeros((g - 1, g - 1)),
-            np.zeros((g, p)), np.zeros((K, g - 1)), np.zeros((K, g, p)),
-        )
+        return naming.params_like(self, labels)
 
     def random_effects(self, params: MixtureParams, labels: dict) -> dict[str, pd.DataFrame]:
         """Predicted random effects per task: ``mixing`` and ``component`` DataFrames."""
-        g = self.num_components
-        response_names = labels["response_names"]
-        index = pd.Index(labels["task_names"], name="task")
-        a, b = np.asarray(params.mixing_effects), np.asarray(params.component_effects)
-        mixing = pd.DataFrame(a, index=index, columns=[f"A{h + 1}" for h in range(g - 1)])
-        columns = [f"B{h + 1}" + (f"[{r}]" if len(response_names) > 1 else "") for h in range(g) for r in response_names]
-        component = pd.DataFrame(b.reshape(len(index), -1), index=index, columns=columns)
-        return {"mixing": mixing, "component": component}
+        return naming.random_effects(self, params, labels)
 
     def report(self, params: MixtureParams, labels: dict) -> dict[str, Any]:
-        """The readable entries of a saved fit (documented JSON keys)."""
-        p = len(labels["response_names"])
-        coef = np.asarray(params.component_coef)
-        effects = self.random_effects(params, labels)
-        return {
-            "mixing_coef": np.asarray(params.mixing_coef).tolist(),
-            "component_coef": (coef[..., 0] if p == 1 else coef).tolist(),
-            "component_cov": np.asarray(params.component_cov).tolist(),
-            "variance_components": {
-                "mixing": np.diagonal(np.asarray(params.mixing_cov)).tolist(),
-                "mixing_cov": np.asarray(params.mixing_cov).tolist(),
-                "component": np.asarray(params.component_var).tolist(),
-            },
-            "random_effects": {
-                part: {str(task): row.tolist() for task, row in frame.iterrows()} for part, frame in effects.items()
-            },
-        }
+        """The readable entries of a saved fit (:func:`~mtl_jax.models.mixture_glmm.naming.report`)."""
+        return naming.report(self, params, labels)
+
+    def task_tables(self, params: MixtureParams, design: MixtureDesign, labels: dict) -> dict[str, pd.DataFrame]:
+        """Per-task tables of a fit: conditional sds of the predicted effects and class probabilities.
+
+        ``mixing_sd`` / ``component_sd``: square roots of the diagonal of the inverse
+        penalised information of each task's effects at the fit (lme4's ``condVar``);
+        ``class_probabilities`` (membership per task): columns ``"1" .. "g"``.
+        """
+        index = pd.Index(labels["task_names"], name="task")
+        mixing_columns, component_columns = naming.effect_columns(self, labels)
+        tables = {}
+        mixing_sd, component_sd = variance.effect_sds(self, params, design)
+        if self.has_mixing_effects:
+            tables["mixing_sd"] = pd.DataFrame(np.asarray(mixing_sd), index=index, columns=mixing_columns)
+        if self.component_random_effects:
+            tables["component_sd"] = pd.DataFrame(np.asarray(component_sd).reshape(len(index), -1), index=index,
+                                                  columns=component_columns)
+        if self.membership == "task":
+            probabilities = np.exp(np.asarray(self.class_log_probabilities(params, design)))
+            tables["class_probabilities"] = pd.DataFrame(
+                probabilities, index=index, columns=[str(h + 1) for h in range(self.num_components)])
+        return tables
 
     # ------------------------------------------------------------ diagnostics
     def standard_errors(self, params: MixtureParams, design: MixtureDesign, labels: dict) -> dict[str, float]:
@@ -384,12 +480,13 @@ class MixtureGLMM:
             problems.append(
                 f"component {h + 1} is (nearly) empty: {size[h]:.3g} effective rows for {q} coefficients; "
                 "use fewer components")
-        scale = np.var(np.asarray(design.y), axis=0)
         floor = 10 * self.variance_floor
         if self.component_random_effects:
-            phi = np.asarray(params.component_var)
-            for h, k in zip(*np.nonzero(phi <= floor * scale)):
-                suffix = f", {labels['response_names'][k]}" if phi.shape[1] > 1 else ""
+            phi = np.diagonal(np.asarray(params.component_effects_cov), axis1=1, axis2=2)
+            scale = np.asarray(em.effects_scale(self, design))
+            names = naming.effect_labels(labels)
+            for h, e in zip(*np.nonzero(phi <= floor * scale)):
+                suffix = f", {names[e]}" if phi.shape[1] > 1 and self.random_effects_covariance != "identity" else ""
                 problems.append(f"phi[{h + 1}{suffix}] is at its boundary (zero variance: a singular fit)")
         if self.has_mixing_effects:
             lam = np.diagonal(np.asarray(params.mixing_cov))
@@ -401,122 +498,12 @@ class MixtureGLMM:
 
     # -------------------------------------------------------------- NumPyro
     def numpyro_model(self, design: MixtureDesign) -> None:
-        r"""The model as a NumPyro program: priors, non-centred random effects, labels summed out.
-
-        With ``s_c``, ``s_sd``, ``eta`` from :attr:`priors` and ``m_k``, ``s_k`` the mean
-        and sd of response ``k`` (the priors are in units of the data, see
-        :class:`MixturePriors`):
-
-        .. math::
-
-            W_{hck} \sim \mathcal N(m_k[c=0], (s_c s_k)^2),\quad v_{hc} \sim \mathcal N(0, s_c^2),
-
-            \sigma_{hk},\ \sqrt{\phi_{hk}} \sim \operatorname{HalfCauchy}(s_{sd} s_k),\quad
-            \sqrt{\Lambda_{hh}} \sim \operatorname{HalfCauchy}(s_{sd}),
-
-            \Sigma_h = \operatorname{diag}(\sigma_h) L_h L_h^T \operatorname{diag}(\sigma_h),
-            \ L_h \sim \operatorname{LKJCholesky}(p, \eta);\quad \Lambda \text{ likewise } (g > 2),
-
-            a_i = \operatorname{diag}(\sqrt{\Lambda_{hh}}) L_\Lambda \varepsilon^a_i,\quad
-            b_{hik} = \sqrt{\phi_{hk}}\,\varepsilon^b_{ihk},\quad \varepsilon \sim \mathcal N(0, 1),
-
-            y_{ij} \sim \sum_h \pi_h(x^m_{ij}, a_i)\,\mathcal N_p(W_h^T x^c_{ij} + b_{hi}, \Sigma_h).
-
-        The labels are summed out by ``MixtureSameFamily``. The intercept prior is centred on
-        the response mean only when the first component column is the intercept (all ones).
-
-        Sampled sites: ``mixing_coef`` (``g > 1``), ``component_coef``, ``component_scale``,
-        ``component_corr_chol`` (``p > 1``), ``mixing_effects_sd``, ``mixing_corr_chol``
-        (``g > 2``), ``component_effects_sd``, and under ``plate("tasks", K)``
-        ``mixing_effects_z`` and ``component_effects_z``. Every :class:`MixtureParams` field
-        is a deterministic site of its own name (zeros for switched-off parts).
-        """
-        priors = self.priors
-        g, K = self.num_components, design.num_tasks
-        p, q_comp, q_mix = design.y.shape[1], design.x_comp.shape[1], design.x_mix.shape[1]
-        dtype = design.y.dtype
-        y_mean, y_sd = design.y.mean(0), design.y.std(0) + jnp.finfo(dtype).tiny
-        has_intercept = jnp.all(design.x_comp[:, 0] == 1.0)
-        coef_loc = jnp.zeros((g, q_comp, p), dtype).at[:, 0, :].set(jnp.where(has_intercept, y_mean, 0.0))
-        coef_scale = priors.coef_scale * jnp.broadcast_to(y_sd, (g, q_comp, p))
-
-        if g > 1:
-            v = numpyro.sample("mixing_coef", dist.Normal(0.0, priors.coef_scale).expand((g - 1, q_mix)).to_event(2))
-        else:
-            v = numpyro.deterministic("mixing_coef", jnp.zeros((0, q_mix), dtype))
-        w = numpyro.sample("component_coef", dist.Normal(coef_loc, coef_scale).to_event(3))
-        scale = numpyro.sample("component_scale", dist.HalfCauchy(priors.sd_scale * jnp.broadcast_to(y_sd, (g, p)))
-                               .to_event(2))
-        if p > 1:
-            corr = numpyro.sample("component_corr_chol",
-                                  dist.LKJCholesky(p, priors.lkj_concentration).expand((g,)).to_event(1))
-            chol = scale[:, :, None] * corr
-        else:
-            chol = scale[:, :, None]
-        cov = numpyro.deterministic("component_cov", chol @ jnp.swapaxes(chol, 1, 2))
-
-        g1 = g - 1
-        if self.has_mixing_effects:
-            sd = numpyro.sample("mixing_effects_sd", dist.HalfCauchy(priors.sd_scale).expand((g1,)).to_event(1))
-            if g1 > 1:
-                corr = numpyro.sample("mixing_corr_chol", dist.LKJCholesky(g1, priors.lkj_concentration))
-                lam_chol = sd[:, None] * corr
-            else:
-                lam_chol = sd[:, None]
-            with numpyro.plate("tasks", K):
-                z = numpyro.sample("mixing_effects_z", dist.Normal(0.0, 1.0).expand((g1,)).to_event(1))
-            mixing_cov, a = lam_chol @ lam_chol.T, z @ lam_chol.T
-        else:
-            mixing_cov, a = jnp.zeros((g1, g1), dtype), jnp.zeros((K, g1), dtype)
-        mixing_cov = numpyro.deterministic("mixing_cov", mixing_cov)
-        a = numpyro.deterministic("mixing_effects", a)
-
-        if self.component_random_effects:
-            sd = numpyro.sample("component_effects_sd",
-                                dist.HalfCauchy(priors.sd_scale * jnp.broadcast_to(y_sd, (g, p))).to_event(2))
-            with numpyro.plate("tasks", K):
-                z = numpyro.sample("component_effects_z", dist.Normal(0.0, 1.0).expand((g, p)).to_event(2))
-            component_var, b = sd**2, sd * z
-        else:
-            component_var, b = jnp.zeros((g, p), dtype), jnp.zeros((K, g, p), dtype)
-        component_var = numpyro.deterministic("component_var", component_var)
-        b = numpyro.deterministic("component_effects", b)
-
-        params = MixtureParams(v, w, cov, mixing_cov, component_var, a, b)
-        logits, means = likelihood.linear_predictors(params, design, a, b)
-        mixture = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.MultivariateNormal(means, scale_tril=chol))
-        with numpyro.plate("obs", design.y.shape[0]):
-            numpyro.sample("y", mixture, obs=design.y)
+        """The model as a NumPyro program (:mod:`~mtl_jax.models.mixture_glmm.program`)."""
+        program.numpyro_model(self, design)
 
     def site_values(self, params: MixtureParams) -> dict[str, Array]:
-        r"""The sampled sites of :meth:`numpyro_model` at the point ``params``.
-
-        Standard deviations are floored at :data:`MIN_SD` (times the response sd for the
-        component effects is not needed: the floor only keeps the start finite); the
-        non-centred effects are solved from ``effects = L z`` so the effects are reproduced.
-        """
-        cov = params.component_cov
-        scale = jnp.sqrt(jnp.diagonal(cov, axis1=1, axis2=2))
-        values = {"component_coef": params.component_coef, "component_scale": scale}
-        if self.num_components > 1:
-            values["mixing_coef"] = params.mixing_coef
-        if cov.shape[-1] > 1:
-            values["component_corr_chol"] = cholesky(cov / (scale[:, :, None] * scale[:, None, :]))
-        if self.has_mixing_effects:
-            lam = params.mixing_cov
-            sd = jnp.maximum(jnp.sqrt(jnp.diagonal(lam)), MIN_SD)
-            corr_chol = cholesky(lam / (sd[:, None] * sd[None, :]) + 1e-6 * jnp.eye(lam.shape[0]))
-            corr_chol = corr_chol / jnp.linalg.norm(corr_chol, axis=1, keepdims=True)
-            values["mixing_effects_sd"] = sd
-            if lam.shape[0] > 1:
-                values["mixing_corr_chol"] = corr_chol
-            lam_chol = sd[:, None] * corr_chol
-            values["mixing_effects_z"] = solve_triangular(lam_chol, params.mixing_effects.T).T
-        if self.component_random_effects:
-            sd = jnp.maximum(jnp.sqrt(params.component_var), MIN_SD)
-            values["component_effects_sd"] = sd
-            values["component_effects_z"] = params.component_effects / sd
-        return values
+        """The sampled sites of :meth:`numpyro_model` at the point ``params``."""
+        return program.site_values(self, params)
 
     def param_sites(self) -> tuple[str, ...]:
         """The program's sites that :meth:`from_sites` reads (the deterministic fields)."""
@@ -531,28 +518,57 @@ class MixtureGLMM:
     def add_arguments(cls, parser) -> None:
         """Options of ``mtl-jax fit --model mixture-glmm``."""
         group = parser.add_argument_group("mixture-glmm options")
-        group.add_argument("--components", type=int, metavar="G", default=None,
-                           help="number of mixture components (required)")
+        group.add_argument("--components", type=int, nargs="+", metavar="G", default=None,
+                           help="number of mixture components (required); several values fit each and "
+                                "choose by BIC")
         group.add_argument("--no-mixing-random-effects", dest="mixing_random_effects", action="store_false",
                            help="drop the task effects in the mixing logits")
         group.add_argument("--no-component-random-effects", dest="component_random_effects",
                            action="store_false", help="drop the task effects in the component means")
-        group.add_argument("--residual-update", choices=("reml", "ml"), default="reml",
-                           help="residual covariance update (default: reml)")
+        group.add_argument("--residual-update", choices=("reml", "ml"), default=None,
+                           help="variance updates: reml or ml (default: ml with --membership task, else reml)")
+        group.add_argument("--family", choices=FAMILIES, default="gaussian",
+                           help="response family of the components, canonical link (default: gaussian)")
+        group.add_argument("--component-random-effects", dest="random_slopes", nargs="+", default=[],
+                           metavar="COL", help="columns with task random effects (slopes) in the components; "
+                                               "the random intercept is included unless --no-random-intercept")
+        group.add_argument("--no-random-intercept", dest="random_intercept", action="store_false",
+                           help="no random intercept in the component effects")
+        group.add_argument("--random-effects-covariance", choices=("full", "diagonal", "identity"),
+                           default="full", help="structure of each component's random-effect covariance "
+                                                "(default: full)")
+        group.add_argument("--membership", choices=("observation", "task"), default="observation",
+                           help="a component label per row (the paper's model) or per task (latent-class mixed "
+                                "model); default: observation")
+        group.add_argument("--quadrature-points", type=int, default=1, metavar="K",
+                           help="adaptive Gauss-Hermite points for a scalar effect (default 1: Laplace)")
 
     @classmethod
     def add_data_arguments(cls, parser) -> None:
         """Data options of ``mtl-jax fit --model mixture-glmm``: task, responses, covariates."""
         data = parser.add_argument_group("data options (mixture-glmm)")
-        data.add_argument("--task", required=True, help="column holding the task labels")
-        data.add_argument("--response", required=True, nargs="+", metavar="COL", help="response column(s)")
-        data.add_argument("--covariates", required=True, nargs="+", metavar="COL", help="covariate columns")
+        data.add_argument("--task", help="column holding the task labels (required without --formula)")
+        data.add_argument("--response", nargs="+", metavar="COL", help="response column(s) (required without "
+                                                                        "--formula)")
+        data.add_argument("--covariates", nargs="+", metavar="COL", help="covariate columns (required without "
+                                                                          "--formula)")
+        data.add_argument("--formula", help='lme4-style formula of the components, e.g. "y ~ x1 + I(x1**2) + '
+                                            '(1 + x1 | task)" (replaces --task --response --covariates and the '
+                                            'random-effect options; || for a diagonal covariance)')
+        data.add_argument("--mixing-formula", help='one-sided formula of the mixing logits, e.g. "~ x2" '
+                                                   '(default: the fixed part of --formula)')
         data.add_argument("--mixing-covariates", nargs="+", metavar="COL",
-                          help="covariates of the mixing proportions (default: --covariates)")
+                          help="covariates of the mixing proportions (default: --covariates; the intercept "
+                               "alone with --membership task)")
         data.add_argument("--categorical", nargs="+", default=[], metavar="COL",
                           help="covariates to dummy-code (non-numeric columns always are)")
         data.add_argument("--no-standardize", dest="standardize", action="store_false",
                           help="use continuous covariates unscaled")
+        data.add_argument("--trials", metavar="COL", help="binomial trials column (--family binomial)")
+        data.add_argument("--offset", metavar="COL",
+                          help="offset column added to the linear predictor (e.g. a log exposure for poisson)")
+        data.add_argument("--positive", metavar="LABEL",
+                          help="the level coded 1 of a two-level text response (bernoulli)")
 
     def data_from_frame(self, frame, args=None, *, labels: dict | None = None, schema=None,
                         require_response: bool = False):
@@ -569,10 +585,23 @@ class MixtureGLMM:
                 no schema (it was fitted to a raw design).
             DataError: for invalid data (missing columns or values, unseen levels ...).
         """
+        if labels is None and args.formula:
+            from mtl_jax.data.formula import from_formula
+
+            data, _ = from_formula(frame, args.formula, args.mixing_formula, task=args.task, trials=args.trials,
+                                   offset=args.offset, positive=args.positive)
+            return data
         if labels is None:
-            sources = list(dict.fromkeys([*args.covariates, *(self.mixing_covariates or ())]))
+            sources = list(dict.fromkeys([*args.covariates, *(self.mixing_covariates or ()), *self.random_slopes]))
+            missing = [flag for flag, value in (("--task", args.task), ("--response", args.response),
+                                                ("--covariates", args.covariates)) if not value]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} required (or give --formula)")
+            if self.family == "binomial" and args.trials is None:
+                raise ValueError("--family binomial needs --trials COL (the column of trials per row)")
             return TaskData.from_dataframe(frame, task=args.task, response=args.response, covariates=sources,
-                                           categorical=args.categorical, standardize=args.standardize)
+                                           categorical=args.categorical, standardize=args.standardize,
+                                           trials=args.trials, offset=args.offset, positive=args.positive)
         train = list(labels["task_names"])
         if isinstance(frame, pd.DataFrame):
             if schema is None:
@@ -595,11 +624,50 @@ class MixtureGLMM:
         """The model of a parsed ``mtl-jax fit`` command line."""
         if args.components is None:
             raise ValueError("--components is required for --model mixture-glmm")
+        task_level = args.membership == "task"
+        terms = _formula_terms(args) if args.formula else {
+            "covariates": tuple(args.covariates),
+            "mixing_covariates": tuple(args.mixing_covariates or ([] if task_level else args.covariates)),
+            "random_slopes": tuple(args.random_slopes),
+            "random_intercept": args.random_intercept,
+            "random_effects_covariance": args.random_effects_covariance,
+            "component_random_effects": args.component_random_effects,
+        }
         return cls(
-            num_components=args.components,
-            covariates=tuple(args.covariates),
-            mixing_covariates=tuple(args.mixing_covariates or args.covariates),
-            mixing_random_effects=args.mixing_random_effects,
-            component_random_effects=args.component_random_effects,
+            num_components=args.components[0],
+            family=args.family,
+            membership=args.membership,
+            mixing_random_effects=args.mixing_random_effects and not task_level,
+            **terms,
+            quadrature_points=args.quadrature_points,
             residual_update=args.residual_update,
         )
+
+
+def _formula_terms(args) -> dict[str, Any]:
+    """The model's column settings from ``--formula`` / ``--mixing-formula`` (terms named as
+    :func:`mtl_jax.data.formula.from_formula` names the data's sources).
+
+    Raises:
+        ValueError: when ``--formula`` is combined with the column options it replaces.
+    """
+    from mtl_jax.data.formula import parse_mixed_formula
+
+    clashes = [flag for flag, value in (("--response", args.response), ("--covariates", args.covariates),
+                                        ("--mixing-covariates", args.mixing_covariates),
+                                        ("--component-random-effects", args.random_slopes)) if value]
+    if clashes:
+        raise ValueError(f"--formula replaces {', '.join(clashes)}: give the terms in the formula")
+    parsed = parse_mixed_formula(args.formula)
+    if args.mixing_formula:
+        mixing = parse_mixed_formula(f"{parsed.response[0]} {args.mixing_formula.strip()}").fixed_terms
+    else:
+        mixing = () if args.membership == "task" else parsed.fixed_terms
+    return {
+        "covariates": parsed.fixed_terms,
+        "mixing_covariates": tuple(mixing),
+        "random_slopes": parsed.random_slopes,
+        "random_intercept": parsed.random_intercept,
+        "random_effects_covariance": parsed.random_effects_covariance,
+        "component_random_effects": parsed.group is not None and args.component_random_effects,
+    }

@@ -1,7 +1,8 @@
 """The mixture GLMM's pytrees: its design (data arrays), parameters and NumPyro priors.
 
 Shapes: ``n`` observations, ``K`` tasks, ``g`` components, ``p`` responses, ``q_c``
-component covariates, ``q_m`` mixing covariates.
+component covariates, ``q_m`` mixing covariates, ``r`` component random-effect columns,
+``d = r p`` component random effects per task and component.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 from typing import NamedTuple
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
@@ -23,6 +25,10 @@ class MixtureDesign(eqx.Module):
         task: task id of each observation ``[n]``, integers in ``[0, num_tasks)``.
         num_tasks: ``K`` (static). Ids at or above the number of tasks of a fitted
             parameter point are tasks unseen in training.
+        z_comp: design of the component random effects ``[n, r]`` (default: a random
+            intercept, a column of ones).
+        trials: binomial trials ``[n]`` (default ones).
+        offset: offset of the component linear predictors ``[n]`` (default zeros).
     """
 
     y: Float[Array, "n p"]
@@ -30,6 +36,19 @@ class MixtureDesign(eqx.Module):
     x_mix: Float[Array, "n qm"]
     task: Int[Array, " n"]
     num_tasks: int = eqx.field(static=True)
+    z_comp: Float[Array, "n r"] | None = None
+    trials: Float[Array, " n"] | None = None
+    offset: Float[Array, " n"] | None = None
+
+    def __post_init__(self):
+        n = self.y.shape[0]
+        dtype = self.y.dtype
+        if self.z_comp is None:
+            self.z_comp = jnp.ones((n, 1), dtype)
+        if self.trials is None:
+            self.trials = jnp.ones((n,), dtype)
+        if self.offset is None:
+            self.offset = jnp.zeros((n,), dtype)
 
 
 class MixtureParams(NamedTuple):
@@ -42,21 +61,29 @@ class MixtureParams(NamedTuple):
         mixing_cov: ``Lambda``, the covariance of the mixing random effects
             ``[g-1, g-1]`` (zeros when mixing effects are off). A full matrix, so that
             re-expressing the logits against another reference component is exact.
-        component_var: ``phi``, ``[g, p]`` (zeros when component effects are off).
+        component_effects_cov: ``Phi_h``, the covariance of ``vec(B_hi)`` (index
+            ``a p + k`` for random-effect column ``a`` and response ``k``), ``[g, d, d]``
+            (zeros when component effects are off).
         mixing_effects: BLUPs ``a``, ``[K, g-1]``.
-        component_effects: BLUPs ``b``, ``[K, g, p]``.
+        component_effects: BLUPs ``B``, ``[K, g, r, p]``.
+        class_logits: membership per task: each training task's log posterior class
+            probabilities ``[K, g]`` (zeros for membership per observation).
+
+    ``component_cov`` is the Gaussian family's residual covariance; the other families
+    have no dispersion and keep it at the identity (not a parameter).
     """
 
     mixing_coef: Float[Array, "gm1 qm"]
     component_coef: Float[Array, "g qc p"]
     component_cov: Float[Array, "g p p"]
     mixing_cov: Float[Array, "gm1 gm1"]
-    component_var: Float[Array, "g p"]
+    component_effects_cov: Float[Array, "g d d"]
     mixing_effects: Float[Array, "K gm1"]
-    component_effects: Float[Array, "K g p"]
+    component_effects: Float[Array, "K g r p"]
+    class_logits: Float[Array, "K g"]
 
 
-POPULATION_FIELDS = ("mixing_coef", "component_coef", "component_cov", "mixing_cov", "component_var")
+POPULATION_FIELDS = ("mixing_coef", "component_coef", "component_cov", "mixing_cov", "component_effects_cov")
 """The fields without a task axis."""
 
 

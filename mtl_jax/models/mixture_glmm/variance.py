@@ -30,8 +30,16 @@ plus :math:`\operatorname{tr}(P^{-1}S_cP^{-1}S_d)`, :math:`S_c = \sum_i Y_i E_c 
 time and memory :math:`O(n + K)`.
 
 **Residual covariances** :math:`\Sigma_h`: the observed information of the Laplace
-marginal log-likelihood in the dispersion parameters :math:`(\Sigma, \Lambda, \phi)`,
+marginal log-likelihood in the dispersion parameters :math:`(\Sigma, \Lambda, \Phi)`,
 inverted jointly (forward-mode second derivatives).
+
+**Membership per task**: every standard error from the observed information of the
+marginal log-likelihood (exact for Gaussian components, Laplace otherwise) in all free
+population parameters :math:`(v, W, \Sigma, \Phi)`, inverted jointly.
+
+**Conditional sds of the effects** (:func:`effect_sds`, lme4's ``condVar``): the square
+roots of the diagonal of :math:`D_i^{-1}`, the inverse penalised information of task
+``i``'s effects given the fixed effects.
 """
 
 from __future__ import annotations
@@ -44,91 +52,141 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from mtl_jax.linalg import bordered_solve, kron_rows, psd_inverse, segment_sum
-from mtl_jax.models.mixture_glmm.likelihood import _effects_prior_cov, linear_predictors, mvn_logpdf
+from mtl_jax.models.mixture_glmm.likelihood import (
+    _effects_prior_cov,
+    class_effect_precisions,
+    component_log_density,
+    linear_predictors,
+)
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
 
 
-def _random_coordinates(model, p: int) -> list[int]:
-    """Positions of the random effects ``(a_i, b_i)`` inside ``eta = (logits[:g-1], means)``."""
-    g1 = model.num_components - 1
-    coords = list(range(g1)) if model.has_mixing_effects else []
-    if model.component_random_effects:
-        coords += list(range(g1, g1 + model.num_components * p))
-    return coords
+def variance_parameters(model, p: int, d: int) -> list[tuple[str, tuple[int, ...]]]:
+    """``(kind, index)`` per variance component, in the order of the covariance.
 
-
-def variance_parameters(model, p: int) -> list[tuple[str, tuple[int, int]]]:
-    """``(kind, (k, l))`` per variance component, in the order of the covariance.
-
-    ``("lambda", (k, l))`` for ``k <= l`` entries of ``Lambda``; ``("phi", (h, k))``.
+    ``("lambda", (k, l))`` for ``k <= l`` entries of ``Lambda``; ``("phi", (h, e, f))`` for
+    the free entries ``e <= f`` of ``Phi_h`` (diagonal: ``e = f``; identity: ``(h, -1, -1)``,
+    the common variance).
     """
     g = model.num_components
     out = []
     if model.has_mixing_effects:
         out += [("lambda", (k, l)) for k in range(g - 1) for l in range(k, g - 1)]
     if model.component_random_effects:
-        out += [("phi", (h, k)) for h in range(g) for k in range(p)]
+        structure = model.random_effects_covariance
+        for h in range(g):
+            if structure == "identity":
+                out.append(("phi", (h, -1, -1)))
+            else:
+                out += [("phi", (h, e, f)) for e in range(d) for f in range(e, d)
+                        if structure == "full" or e == f]
     return out
 
 
-def _selectors(model, p: int) -> np.ndarray:
-    """``E_c = dG_0 / d theta_c`` as ``[c, r, r]`` (symmetric 0/1 matrices)."""
+def _selectors(model, p: int, d: int) -> np.ndarray:
+    """``E_c = dG_0 / d theta_c`` as ``[c, r, r]`` (symmetric 0/1 matrices) over one task's effects."""
     g1 = model.num_components - 1
-    r = len(_random_coordinates(model, p))
     offset = g1 if model.has_mixing_effects else 0
+    r = offset + (model.num_components * d if model.component_random_effects else 0)
     mats = []
-    for kind, (k, l) in variance_parameters(model, p):
+    for kind, index in variance_parameters(model, p, d):
         e = np.zeros((r, r))
         if kind == "lambda":
+            k, l = index
             e[k, l] = e[l, k] = 1.0
+        elif index[1] < 0:
+            block = offset + index[0] * d + np.arange(d)
+            e[block, block] = 1.0
         else:
-            i = offset + k * p + l
-            e[i, i] = 1.0
+            h, a, b = index
+            e[offset + h * d + a, offset + h * d + b] = e[offset + h * d + b, offset + h * d + a] = 1.0
         mats.append(e)
     return np.stack(mats) if mats else np.zeros((0, r, r))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def fixed_and_variance_covariance(model, params: MixtureParams, design: MixtureDesign):
-    """``(cov_v [g-1, q_m, g-1, q_m], cov_W [g, q_c, p, g, q_c, p], cov_theta [c, c])``.
+def _random_rows(model, design: MixtureDesign) -> Float[Array, "n r D"]:
+    """How each task effect enters row ``j``'s predictors ``(logits[:g-1], vec eta [g p])``: ``[n, r, D]``.
 
-    See the module docstring; ``theta`` is ordered as :func:`variance_parameters`.
+    A mixing effect ``a_h`` adds to logit ``h``; a component effect ``(h, a, k)`` adds
+    ``z_ja`` to ``eta_hk``.
     """
     g = model.num_components
     g1 = g - 1
     n, p = design.y.shape
-    qm, qc = design.x_mix.shape[1], design.x_comp.shape[1]
     dtype = design.y.dtype
+    D = g1 + g * p
+    blocks = []
+    if model.has_mixing_effects:
+        blocks.append(jnp.broadcast_to(jnp.eye(g1, D, dtype=dtype), (n, g1, D)))
+    if model.component_random_effects:
+        z = design.z_comp
+        eye = jnp.eye(g * p, dtype=dtype).reshape(g, p, g * p)
+        rows = jnp.einsum("na,hkm->nhakm", z, eye).reshape(n, -1, g * p)
+        blocks.append(jnp.pad(rows, ((0, 0), (0, 0), (g1, 0))))
+    if not blocks:
+        return jnp.zeros((n, 0, D), dtype)
+    return jnp.concatenate(blocks, axis=1)
+
+
+def _row_information(model, params: MixtureParams, design: MixtureDesign):
+    """``-d2 log p(y_j | eta_j) / d eta_j2`` at the fit, ``[n, D, D]`` (``eta = (logits[:g-1], vec eta)``)."""
+    g = model.num_components
+    g1 = g - 1
+    n, p = design.y.shape
     logits, means = linear_predictors(params, design, params.mixing_effects, params.component_effects)
     eta = jnp.concatenate([logits[:, :g1], means.reshape(n, g * p)], axis=1)
+    family = model.response_family
 
-    def row_loglik(eta_j, y_j):
+    def row_loglik(eta_j, y_j, trials_j):
         full = jnp.concatenate([eta_j[:g1], jnp.zeros((1,), eta_j.dtype)])
-        mean = eta_j[g1:].reshape(g, p)
-        return jax.nn.logsumexp(jax.nn.log_softmax(full) + mvn_logpdf(y_j, mean, params.component_cov))
+        mean = eta_j[g1:].reshape(1, g, p)
+        dens = component_log_density(family, y_j[None], mean, params.component_cov, trials_j[None])[0]
+        return jax.nn.logsumexp(jax.nn.log_softmax(full) + dens)
 
-    neg_hess = -jax.vmap(jax.hessian(row_loglik))(eta, design.y)  # [n, d, d]
-    d = g1 + g * p
+    return -jax.vmap(jax.hessian(row_loglik))(eta, design.y, design.trials)
+
+
+def _bordered_information(model, params: MixtureParams, design: MixtureDesign):
+    """The observed penalised information of ``(v, W, a, B)`` as a bordered solve, and its rows."""
+    g = model.num_components
+    g1 = g - 1
+    n, p = design.y.shape
+    dtype = design.y.dtype
+    neg_hess = _row_information(model, params, design)
     mix_rows = kron_rows(design.x_mix, g1)  # [n, qm*g1, g1]
     comp_rows = kron_rows(design.x_comp, g * p)  # [n, qc*g*p, g*p]
     fixed_rows = jnp.concatenate(
         [jnp.pad(mix_rows, ((0, 0), (0, 0), (0, g * p))), jnp.pad(comp_rows, ((0, 0), (0, 0), (g1, 0)))], axis=1
     )
-    coords = _random_coordinates(model, p)
-    r = len(coords)
-    select = jnp.eye(d, dtype=dtype)[jnp.asarray(coords, dtype=jnp.int32)] if r else jnp.zeros((0, d), dtype)
-    random_rows = jnp.broadcast_to(select, (n, r, d))
+    random_rows = _random_rows(model, design)
+    r = random_rows.shape[1]
     prior_cov = _effects_prior_cov(params, model.has_mixing_effects, model.component_random_effects)
     prior_prec = psd_inverse(prior_cov) if r else jnp.zeros((0, 0), dtype)
     solution = bordered_solve(
-        fixed_rows, random_rows, neg_hess, jnp.zeros((n, d), dtype), design.task, design.num_tasks, prior_prec
+        fixed_rows, random_rows, neg_hess, jnp.zeros((n, neg_hess.shape[-1]), dtype), design.task,
+        design.num_tasks, prior_prec
     )
+    return solution, neg_hess, random_rows, prior_prec
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def fixed_and_variance_covariance(model, params: MixtureParams, design: MixtureDesign):
+    """``(cov_v [g-1, q_m, g-1, q_m], cov_W [g, q_c, p, g, q_c, p], cov_theta [c, c])`` (membership per observation).
+
+    See the module docstring; ``theta`` is ordered as :func:`variance_parameters`.
+    """
+    g = model.num_components
+    g1 = g - 1
+    p = design.y.shape[1]
+    qm, qc = design.x_mix.shape[1], design.x_comp.shape[1]
+    dtype = design.y.dtype
+    solution, neg_hess, random_rows, prior_prec = _bordered_information(model, params, design)
     m_v = qm * g1
     cov_ff = solution.fixed_cov
     cov_v = cov_ff[:m_v, :m_v].reshape(qm, g1, qm, g1).transpose(1, 0, 3, 2)
     cov_w = cov_ff[m_v:, m_v:].reshape(qc, g, p, qc, g, p).transpose(1, 0, 2, 4, 3, 5)
 
-    selectors = jnp.asarray(_selectors(model, p), dtype)
+    selectors = jnp.asarray(_selectors(model, p, design.z_comp.shape[1] * p), dtype)
     if selectors.shape[0] == 0:
         return cov_v, cov_w, jnp.zeros((0, 0), dtype)
     data_info = segment_sum(jnp.einsum("nrd,nde,nse->nrs", random_rows, neg_hess, random_rows), design.task,
@@ -147,84 +205,147 @@ def fixed_and_variance_covariance(model, params: MixtureParams, design: MixtureD
     return cov_v, cov_w, jnp.linalg.inv(info)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def residual_covariance_se(model, params: MixtureParams, design: MixtureDesign) -> Float[Array, "g p p"]:
-    """Standard errors of the entries of each ``Sigma_h`` (module docstring)."""
-    g, p = params.component_cov.shape[:2]
-    upper = np.triu_indices(p)
-    use_a, use_b = model.has_mixing_effects, model.component_random_effects
-    g1 = g - 1
-    lam_upper = np.triu_indices(g1)
+def _packing(model, params: MixtureParams, fields: tuple[str, ...]):
+    """``(pack, unpack)`` between ``params`` and the vector of the free entries of ``fields``.
+
+    Free entries: all of ``mixing_coef`` and ``component_coef``; the upper triangles of
+    ``component_cov`` (Gaussian family) and ``mixing_cov``; of ``component_effects_cov``
+    the entries its structure leaves free (identity: the common variance).
+    """
+    structure = model.random_effects_covariance
+
+    def free(field, value):
+        if field in ("mixing_coef", "component_coef"):
+            return value.reshape(-1)
+        if field == "component_effects_cov" and structure == "identity":
+            return value[:, 0, 0]
+        upper = np.triu_indices(value.shape[-1])
+        if field == "component_effects_cov" and structure == "diagonal":
+            upper = (np.arange(value.shape[-1]),) * 2
+        return value[..., upper[0], upper[1]].reshape(-1)
+
+    def rebuild(field, template, vector):
+        if field in ("mixing_coef", "component_coef"):
+            return vector.reshape(template.shape)
+        dim = template.shape[-1]
+        if field == "component_effects_cov" and structure == "identity":
+            return vector[:, None, None] * jnp.eye(dim, dtype=vector.dtype)
+        upper = np.triu_indices(dim)
+        if field == "component_effects_cov" and structure == "diagonal":
+            upper = (np.arange(dim),) * 2
+        batch = template.shape[:-2]
+        out = jnp.zeros(template.shape, vector.dtype).at[..., upper[0], upper[1]].set(vector.reshape(batch + (-1,)))
+        return out + jnp.swapaxes(jnp.triu(out, 1), -1, -2)
+
+    sizes = [free(field, getattr(params, field)).shape[0] for field in fields]
 
     def pack(prm):
-        parts = [prm.component_cov[:, upper[0], upper[1]].reshape(-1)]
-        if use_a:
-            parts.append(prm.mixing_cov[lam_upper])
-        if use_b:
-            parts.append(prm.component_var.reshape(-1))
-        return jnp.concatenate(parts)
+        return jnp.concatenate([free(field, getattr(prm, field)) for field in fields])
 
     def unpack(theta):
-        k = g * len(upper[0])
-        sig = jnp.zeros((g, p, p), theta.dtype).at[:, upper[0], upper[1]].set(theta[:k].reshape(g, -1))
-        sig = sig + jnp.swapaxes(jnp.triu(sig, 1), 1, 2)
-        out = params._replace(component_cov=sig)
-        if use_a:
-            m = len(lam_upper[0])
-            lam = jnp.zeros((g1, g1), theta.dtype).at[lam_upper].set(theta[k:k + m])
-            out = out._replace(mixing_cov=lam + jnp.triu(lam, 1).T)
-            k += m
-        if use_b:
-            out = out._replace(component_var=theta[k:].reshape(g, p))
+        out, start = params, 0
+        for field, size in zip(fields, sizes):
+            out = out._replace(**{field: rebuild(field, getattr(params, field), theta[start:start + size])})
+            start += size
         return out
+
+    return pack, unpack, dict(zip(fields, sizes))
+
+
+def _dispersion_fields(model) -> tuple[str, ...]:
+    """The covariance fields with free entries in this model."""
+    return (("component_cov",) if model.response_family.is_gaussian else ()) + (
+        ("mixing_cov",) if model.has_mixing_effects else ()) + (
+        ("component_effects_cov",) if model.component_random_effects else ())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def marginal_covariance(model, params: MixtureParams, design: MixtureDesign, fields: tuple[str, ...]):
+    """Inverse observed information of the marginal log-likelihood in the free entries of ``fields``.
+
+    Returns:
+        The covariance ``[m, m]`` in the order of :func:`_packing`.
+    """
+    pack, unpack, _ = _packing(model, params, fields)
 
     def marginal(theta):
         value, _ = model.laplace(unpack(theta), design)
         return value
 
-    theta = pack(params)
-    hess = jax.jacfwd(jax.jacfwd(marginal))(theta)
-    cov = jnp.linalg.inv(-hess)
-    k = g * len(upper[0])
-    se = jnp.sqrt(jnp.diagonal(cov)[:k]).reshape(g, -1)
-    full = jnp.zeros((g, p, p), se.dtype).at[:, upper[0], upper[1]].set(se)
-    return full + jnp.swapaxes(jnp.triu(full, 1), 1, 2)
+    hess = jax.jacfwd(jax.jacfwd(marginal))(pack(params))
+    return jnp.linalg.inv(-hess)
+
+
+def _unpacked_standard_errors(model, params: MixtureParams, fields: tuple[str, ...], cov) -> MixtureParams:
+    """``params`` with the entries of ``fields`` replaced by their standard errors (diagonal of ``cov``)."""
+    _, unpack, _ = _packing(model, params, fields)
+    return unpack(jnp.sqrt(jnp.diagonal(cov)))
 
 
 def standard_errors(model, params: MixtureParams, design: MixtureDesign, labels: dict) -> dict[str, float]:
-    """Standard errors by the names of :meth:`MixtureGLMM.named_parameters`."""
+    """Standard errors by the names of :meth:`MixtureGLMM.named_parameters` (module docstring)."""
+    dispersion = _dispersion_fields(model)
+    if model.membership == "task":
+        fields = ("mixing_coef", "component_coef") + dispersion
+        se = _unpacked_standard_errors(model, params, fields, marginal_covariance(model, params, design, fields))
+        named = model.named_parameters(se, labels)
+        return {name: float(value) for name, value in named.items()}
     cov_v, cov_w, cov_theta = fixed_and_variance_covariance(model, params, design)
-    se_sigma = residual_covariance_se(model, params, design)
     se = params._replace(
-        mixing_coef=jnp.sqrt(_diag_pairs_v(cov_v)),
-        component_coef=jnp.sqrt(_diag_pairs_w(cov_w)),
-        component_cov=se_sigma,
-        mixing_cov=jnp.zeros_like(params.mixing_cov),
-        component_var=jnp.zeros_like(params.component_var),
+        mixing_coef=jnp.sqrt(_diagonal(cov_v, 2)),
+        component_coef=jnp.sqrt(_diagonal(cov_w, 3)),
     )
+    if dispersion:
+        se_dispersion = _unpacked_standard_errors(model, params, dispersion,
+                                                  marginal_covariance(model, params, design, dispersion))
+        se = se._replace(component_cov=se_dispersion.component_cov)
     theta_se = np.sqrt(np.diagonal(np.asarray(cov_theta)))
-    p = params.component_cov.shape[-1]
+    d = params.component_effects_cov.shape[-1]
     lam_se = np.zeros(params.mixing_cov.shape)
-    phi_se = np.zeros(params.component_var.shape)
-    for value, (kind, (k, l)) in zip(theta_se, variance_parameters(model, p)):
+    phi_se = np.zeros(params.component_effects_cov.shape)
+    for value, (kind, index) in zip(theta_se, variance_parameters(model, design.y.shape[1], d)):
         if kind == "lambda":
-            lam_se[k, l] = lam_se[l, k] = value
+            lam_se[index] = lam_se[index[::-1]] = value
+        elif index[1] < 0:
+            phi_se[index[0]] = value * np.eye(d)
         else:
-            phi_se[k, l] = value
-    se = se._replace(mixing_cov=jnp.asarray(lam_se), component_var=jnp.asarray(phi_se))
+            h, e, f = index
+            phi_se[h, e, f] = phi_se[h, f, e] = value
+    se = se._replace(mixing_cov=jnp.asarray(lam_se), component_effects_cov=jnp.asarray(phi_se))
     named = model.named_parameters(se, labels)
     return {name: float(value) for name, value in named.items()}
 
 
-def _diag_pairs_v(cov_v):
-    """Variances of ``v [h, a]`` from ``cov_v [h, a, h', a']``."""
-    g1, qm = cov_v.shape[:2]
-    flat = cov_v.reshape(g1 * qm, g1 * qm)
-    return jnp.diagonal(flat).reshape(g1, qm)
+def _diagonal(cov, axes: int):
+    """Variances of a parameter array of ``axes`` axes from its covariance ``[*shape, *shape]``."""
+    shape = cov.shape[:axes]
+    size = int(np.prod(shape))
+    return jnp.diagonal(cov.reshape(size, size)).reshape(shape)
 
 
-def _diag_pairs_w(cov_w):
-    """Variances of ``W [h, a, k]`` from ``cov_w [h, a, k, h', a', k']``."""
-    g, qc, p = cov_w.shape[:3]
-    flat = cov_w.reshape(g * qc * p, g * qc * p)
-    return jnp.diagonal(flat).reshape(g, qc, p)
+@functools.partial(jax.jit, static_argnums=0)
+def effect_sds(model, params: MixtureParams, design: MixtureDesign):
+    """Conditional sds of the predicted effects: ``(mixing [K, g-1], component [K, g, r, p])`` (module docstring).
+
+    Membership per observation: from :math:`D_i^{-1}` of the penalised information of
+    :math:`(a_i, B_i)` at the fit; per task: from each component's precision of the task's
+    effects given that component.
+    """
+    K, g, r_c, p = params.component_effects.shape
+    mixing = jnp.zeros_like(params.mixing_effects)
+    if model.membership == "task":
+        if not model.component_random_effects:
+            return mixing, jnp.zeros_like(params.component_effects)
+        precision = class_effect_precisions(params, design, model.response_family)  # [g, K, d, d]
+        variances = jnp.diagonal(psd_inverse(precision), axis1=-2, axis2=-1)  # [g, K, d]
+        return mixing, jnp.sqrt(jnp.swapaxes(variances, 0, 1)).reshape(K, g, r_c, p)
+    if not model.has_random_effects:
+        return mixing, jnp.zeros_like(params.component_effects)
+    solution, _, _, _ = _bordered_information(model, params, design)
+    sds = jnp.sqrt(jnp.diagonal(solution.random_prec_inv, axis1=-2, axis2=-1))  # [K, r]
+    g1 = g - 1 if model.has_mixing_effects else 0
+    if g1:
+        mixing = sds[:, :g1]
+    component = sds[:, g1:].reshape(K, g, r_c, p) if model.component_random_effects else jnp.zeros_like(
+        params.component_effects)
+    return mixing, component

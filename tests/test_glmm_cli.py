@@ -1,0 +1,133 @@
+"""The GLM families, membership per task and the formula through ``mtl-jax fit/predict`` and ``fit()``.
+
+Each CLI fit is checked against the same fit through the public API, and every bad input
+against its error message (exit status 2, column, row and task named).
+"""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import expit
+
+import mtl_jax
+from mtl_jax.cli import main
+
+TINY = ["--method", "em", "--n-init", "2", "--max-iter", "200"]
+
+
+@pytest.fixture(scope="module")
+def frame():
+    rng = np.random.default_rng(7)
+    K, m = 16, 10
+    task = np.repeat(np.arange(K), m)
+    x = rng.normal(size=K * m)
+    trials = rng.integers(1, 6, K * m)
+    cluster = rng.integers(0, 2, K)
+    eta = np.where(cluster[task] == 0, -1.0 + x, 1.5 - 0.5 * x) + rng.normal(0, 0.3, K)[task]
+    successes = rng.binomial(trials, expit(eta))
+    counts = rng.poisson(np.exp(0.2 + 0.5 * x + rng.normal(0, 0.4, K)[task]) * 2.0)
+    return pd.DataFrame({
+        "task": [f"p{i}" for i in task], "x": x, "group": (cluster[task] * 2.0), "s": successes, "n": trials,
+        "c": counts, "log_exposure": np.log(2.0), "answer": np.where(successes > trials / 2, "yes", "no"),
+    })
+
+
+def run(args, capsys):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr()
+
+
+def test_binomial_task_membership_cli_equals_public_fit(frame, tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "fit.json"
+    code, _ = run(["fit", path, "--task", "task", "--response", "s", "--covariates", "x", "--family", "binomial",
+                   "--trials", "n", "--membership", "task", "--components", 2, "--out", out, *TINY], capsys)
+    assert code == 0
+    data = mtl_jax.TaskData.from_dataframe(frame, task="task", response="s", covariates=["x"], trials="n")
+    model = mtl_jax.MixtureGLMM(2, covariates=("x",), mixing_covariates=(), family="binomial", membership="task")
+    public = mtl_jax.fit(model, data, "em", n_init=2, max_iter=200)
+    saved = mtl_jax.Fit.load(out)
+    assert saved.model == public.model
+    np.testing.assert_allclose(saved.params.component_coef, public.params.component_coef, rtol=1e-5)
+    document = json.loads(out.read_text())
+    assert document["family"] == "binomial"
+    probabilities = document["class_probabilities"]
+    assert set(probabilities) == set(frame["task"])
+    np.testing.assert_allclose([sum(p) for p in probabilities.values()], 1.0, rtol=1e-5)
+    # predict writes the success probability per trial
+    pred = tmp_path / "pred.csv"
+    assert run(["predict", out, path, "--out", pred], capsys)[0] == 0
+    np.testing.assert_allclose(pd.read_csv(pred)["pred_s"], public.predict(frame)[:, 0], rtol=1e-5)
+    assert pd.read_csv(pred)["pred_s"].between(0, 1).all()
+
+
+def test_bernoulli_text_response_needs_positive(frame, tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    base = ["fit", path, "--task", "task", "--response", "answer", "--covariates", "x", "--family", "bernoulli",
+            "--components", 1, "--out", tmp_path / "b.json", *TINY]
+    code, captured = run(base, capsys)
+    assert code == 2 and "--positive" in captured.err and "'no', 'yes'" in captured.err
+    code, _ = run(base + ["--positive", "yes"], capsys)
+    assert code == 0
+    fitted = mtl_jax.Fit.load(tmp_path / "b.json")
+    data = mtl_jax.TaskData.from_dataframe(frame, task="task", response="answer", covariates=["x"], positive="yes")
+    np.testing.assert_array_equal(np.asarray(data.y)[:, 0], (frame["answer"] == "yes").astype(float))
+    assert fitted.schema.response_levels == ("no", "yes")
+
+
+def test_poisson_offset_and_formula_cli(frame, tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "pois.json"
+    code, _ = run(["fit", path, "--formula", "c ~ x + (1 | task)", "--family", "poisson", "--offset",
+                   "log_exposure", "--components", 1, "--out", out, *TINY], capsys)
+    assert code == 0
+    data, terms = mtl_jax.TaskData.from_formula(frame, "c ~ x + (1 | task)", offset="log_exposure")
+    model = mtl_jax.MixtureGLMM(1, family="poisson", **terms.model_kwargs())
+    public = mtl_jax.fit(model, data, "em", n_init=2, max_iter=200)
+    saved = mtl_jax.Fit.load(out)
+    np.testing.assert_allclose(saved.params.component_coef, public.params.component_coef, rtol=1e-5)
+    # an unseen task's expected count integrates its effect out: E exp(eta + b) = exp(eta + phi / 2)
+    new = frame.head(3).assign(task="new person")
+    w = np.asarray(public.params.component_coef)[0, :, 0]
+    phi = float(public.params.component_effects_cov[0, 0, 0])
+    want = np.exp(w[0] + w[1] * new["x"] + np.log(2.0) + phi / 2)
+    np.testing.assert_allclose(public.predict(new)[:, 0], want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, options, message", [
+    (lambda f: f.assign(s=f["n"] + 1), ["--response", "s", "--family", "binomial", "--trials", "n"],
+     r"between 0 and the trials .* at row 0 \(task 'p0'\)"),
+    (lambda f: f.assign(c=np.where(np.arange(len(f)) == 12, -1, f["c"])), ["--response", "c", "--family", "poisson"],
+     r"non-negative whole count .* -1 at row 12 \(task 'p1'\)"),
+    (lambda f: f.assign(s=f["s"].clip(upper=2)), ["--response", "s", "--family", "bernoulli"],
+     r"must be 0 or 1 .* got 2 at row \d+ \(task 'p\d+'\)"),
+    (lambda f: f, ["--response", "s", "--family", "binomial"], r"--trials"),
+    (lambda f: f, ["--response", "s", "--membership", "task", "--mixing-covariates", "x"],
+     r"mixing covariate 'x' varies within task 'p0'"),
+    (lambda f: f, ["--response", "s", "--component-random-effects", "nope"], r"'nope'"),
+])
+def test_bad_glmm_input_is_a_clear_error(frame, tmp_path, capsys, change, options, message):
+    path = tmp_path / "d.csv"
+    change(frame).to_csv(path, index=False)
+    code, captured = run(["fit", path, "--task", "task", "--covariates", "x", "--components", 2,
+                          "--out", tmp_path / "f.json", *options, *TINY], capsys)
+    assert code == 2
+    assert re.search(message, captured.err), captured.err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_unknown_formula_term_is_a_clear_error(frame, tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    code, captured = run(["fit", path, "--formula", "s ~ x + age + (1 | task)", "--components", 1,
+                          "--out", tmp_path / "f.json", *TINY], capsys)
+    assert code == 2 and "age" in captured.err
