@@ -90,7 +90,7 @@ def test_float32_grid_script(tmp_path):
     assert results["summary"]["cells"] == 1 and "loglik/obs" in results["table"]
 
 
-@pytest.mark.parametrize("name", ["table2", "speed", "scaling", "float32_grid"])
+@pytest.mark.parametrize("name", ["table2", "speed", "scaling", "float32_grid", "glmm_peers"])
 def test_scripts_reject_bad_flags(name):
     with pytest.raises(SystemExit):
         load(name).main(["--no-such-flag"])
@@ -126,3 +126,60 @@ def test_sequence_speed_script(tmp_path):
     assert "hmmlearn / ours" in results["table"] and "Markov SequenceLDA x2" in results["table"]
     with pytest.raises(SystemExit):
         module.main(["--no-such-flag"])
+
+
+def test_glmm_peers_script_without_r(tmp_path):
+    """With no Rscript, every peer is skipped with a message and our side still runs."""
+    path = tmp_path / "glmm_peers.json"
+    results = load("glmm_peers").main(["--tasks", "6", "--per-task", "5", "--repeats", "1", "--cases",
+                                       "gaussian_intercept", "--rscript", "no-such-rscript", "--out", str(path)])
+    assert json.loads(path.read_text())["table"] == results["table"]
+    assert results["r"]["rscript"] is None and "Rscript not found" in results["r"]["missing"]
+    (case,) = results["cases"]
+    assert case["data"] == {"tasks": 6, "per_task": 5, "rows": 30}
+    ours = case["ours"]
+    assert ours["seconds_per_fit"] > 0 and ours["compile_seconds"] > 0 and ours["converged"]
+    assert set(ours["estimates"]) == {"w[1, intercept]", "w[1, x]", "sigma2[1]", "phi[1]"}
+    assert set(case["peers"]) == {"lme4", "glmmTMB"}
+    assert all("Rscript not found" in peer["skipped"] for peer in case["peers"].values())
+    assert "Rscript not found" in results["table"]
+
+
+def test_glmm_peers_script_against_flexmix(tmp_path):
+    """The task-level mixture of binomial GLMs is exact ML on both sides: flexmix's optimum is ours.
+
+    Without R (or flexmix) the peer is skipped and only our side is checked.
+    """
+    path = tmp_path / "glmm_peers.json"
+    results = load("glmm_peers").main(["--tasks", "12", "--per-task", "6", "--repeats", "1", "--n-init", "4",
+                                       "--cases", "mixture_binomial", "--out", str(path)])
+    (case,) = results["cases"]
+    ours = case["ours"]
+    assert case["same_criterion"] and ours["converged"] and ours["seconds_per_fit"] > 0
+    assert ours["estimates"]["pi[1]"] + ours["estimates"]["pi[2]"] == pytest.approx(1.0, abs=1e-12)
+    flexmix = case["peers"]["flexmix"]
+    if "skipped" in flexmix:
+        assert results["r"]["missing"] or results["r"]["packages"]["flexmix"]
+        return
+    assert flexmix["converged"] and flexmix["peer_over_ours_time"] > 0
+    # Same data, same likelihood: flexmix's log-likelihood (dbinom with its binomial coefficients)
+    # equals ours at the common optimum, and the matched estimates agree.
+    assert abs(flexmix["loglik_peer_minus_ours"]) < 1e-6 * abs(ours["loglik"]), flexmix
+    assert flexmix["max_relative_difference"] < 1e-4, flexmix["relative_differences"]
+
+
+def test_glmm_peers_matching_and_relative_differences():
+    module = load("glmm_peers")
+    peer = {"w[1, intercept]": -1.0, "w[1, x]": -0.8, "w[2, intercept]": 1.0, "w[2, x]": 0.5,
+            "phi[1, intercept]": 4.0, "phi[1, x]": 1.0, "phi[1, intercept, x]": 0.5, "pi[1]": 0.6, "pi[2]": 0.4}
+    ours = {"w[1, intercept]": 1.1, "w[1, x]": 0.5, "w[2, intercept]": -1.0, "w[2, x]": -0.8}
+    order = module.match_components(module.component_coefficients(peer, 2), module.component_coefficients(ours, 2))
+    assert list(order) == [1, 0]  # the peer's component 2 is our component 1
+    relabelled = module.relabel(peer, order)
+    assert relabelled["w[1, intercept]"] == 1.0 and relabelled["pi[1]"] == 0.4
+    assert relabelled["phi[2, intercept, x]"] == 0.5
+    ours.update({"phi[2, intercept]": 4.0, "phi[2, x]": 1.0, "phi[2, intercept, x]": 0.6})
+    differences = module.relative_differences(ours, relabelled)
+    assert differences["w[1, intercept]"] == pytest.approx(0.1)
+    assert differences["phi[2, intercept, x]"] == pytest.approx(0.1 / 2.0)  # scaled by sqrt(4 * 1)
+    assert "pi[1]" not in differences

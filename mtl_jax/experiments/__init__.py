@@ -36,6 +36,27 @@ def _run_sequence_study(config: dict, *, progress: bool = True) -> dict:
     return run_sequence_study(config, progress=progress)
 
 
+def _run_bic_selection(config: dict, *, progress: bool = True) -> dict:
+    """How often BIC picks each number of components (simulation design); imported on first use."""
+    from mtl_jax.experiments.bic_selection import run_bic_selection
+
+    return run_bic_selection(config, progress=progress)
+
+
+def _run_cortisol_study(config: dict, *, progress: bool = True) -> dict:
+    """Clustering of synthetic cortisol trajectories (Figure 2); its module is imported on first use."""
+    from mtl_jax.experiments.cortisol import run_cortisol_study
+
+    return run_cortisol_study(config, progress=progress)
+
+
+def _plot_cortisol_study(results: dict, path: Path) -> Path:
+    """Figure 2 of the cortisol study (trajectories by assigned cluster, fitted cluster means)."""
+    from mtl_jax.experiments.cortisol import plot_results
+
+    return plot_results(results, path)
+
+
 def _plot_sequence_study(results: dict, path: Path) -> Path:
     """The figure of the Sequential LDA synthetic study (both metrics against the number of tasks)."""
     from mtl_jax.experiments.sequence_study import plot_results
@@ -47,10 +68,13 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "simulation_study": run_simulation_study,
     "school_study": _run_school_study,
     "sequence_study": _run_sequence_study,
+    "bic_selection": _run_bic_selection,
+    "cortisol_study": _run_cortisol_study,
 }
 
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
     "sequence_study": _plot_sequence_study,
+    "cortisol_study": _plot_cortisol_study,
 }
 """Figure of each experiment that has one, by experiment name."""
 
