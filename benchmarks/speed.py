@@ -126,11 +126,13 @@ def numpy_independence_em(y, x_comp, x_mix, v, w, sigma2, num_iterations: int, v
     component_random_effects=False)`` with ``residual_update="reml"``: per iteration the
     E-step :math:`\tau_{jh} \propto \pi_h(x^m_j) N(y_j; w_h^T x^c_j, \sigma_h^2)`, one
     Newton step for ``v`` with step halving (:func:`_numpy_mixing_step`), weighted least
-    squares for each ``w_h`` with the model's ridge :math:`\delta n I` (``delta`` the
-    variance floor; the Newton information of ``v`` gets the same ridge), and
-    :math:`\sigma_h^2 = (\sum_j \tau_{jh} r_{jh}^2 + \sigma_h^{2,\text{old}}\operatorname{tr}(G_h(G_h+\delta nI)^{-1})
+    squares for each ``w_h`` with the model's ridge, :math:`\delta n I / \overline{y^2}` on
+    the information :math:`G_h / \sigma_h^2` (``delta`` the variance floor; the Newton
+    information of ``v`` gets :math:`\delta n I`), and
+    :math:`\sigma_h^2 = (\sum_j \tau_{jh} r_{jh}^2 + \sigma_h^{2,\text{old}}\operatorname{tr}(G_h(G_h+\rho_h I)^{-1})
     + \delta n s^2) / (\sum_j \tau_{jh} + \delta n) + \delta s^2`, ``G_h`` the weighted
-    Gram matrix and ``s^2`` the variance of ``y`` (the REML correction, a prior count of
+    Gram matrix, :math:`\rho_h = \delta n \sigma_h^{2,\text{old}} / \overline{y^2}` and ``s^2``
+    the variance of ``y`` (the REML correction, a prior count of
     :math:`\delta n` rows at the response variance, and the variance floor).
 
     Args:
@@ -197,7 +199,8 @@ def _numpy_component_step(y, x, tau, sigma2, variance_floor):
     n, q = x.shape
     prior_count, scale = variance_floor * n, np.var(y)
     gram = np.tensordot(tau[:, :, None] * x[:, None, :], x, axes=(0, 0))  # [g, q, q]
-    inverse = np.linalg.inv(gram + prior_count * np.eye(q))
+    ridge = prior_count * sigma2 / np.mean(y**2)  # [g]: the model's ridge in Gram-matrix units
+    inverse = np.linalg.inv(gram + ridge[:, None, None] * np.eye(q))
     w = np.einsum("hab,hb->ha", inverse, (tau * y[:, None]).T @ x)
     resid = y[:, None] - x @ w.T
     correction = sigma2 * np.einsum("hab,hba->h", gram, inverse)  # sum_j tau_j Var(x_j' w_h)

@@ -84,7 +84,7 @@ def random_effects(fit, part: str = "component", level: float = 0.95, ax=None):
         axis.set_xlabel(f"predicted effect, {level:.0%} interval")
     source = "posterior draws" if fit.draws is not None else "conditional sds"
     figure.suptitle(f"{part} random effects ({fit.method}, intervals from {source})")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.45 / figure.get_figheight()))  # room for the title
     return figure
 
 

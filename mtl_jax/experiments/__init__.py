@@ -50,6 +50,13 @@ def _run_cortisol_study(config: dict, *, progress: bool = True) -> dict:
     return run_cortisol_study(config, progress=progress)
 
 
+def _run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
+    """Bias of a two-component mixture GLMM per family; its module is imported on first use."""
+    from mtl_jax.experiments.glmm_recovery import run_glmm_recovery
+
+    return run_glmm_recovery(config, progress=progress)
+
+
 def _plot_cortisol_study(results: dict, path: Path) -> Path:
     """Figure 2 of the cortisol study (trajectories by assigned cluster, fitted cluster means)."""
     from mtl_jax.experiments.cortisol import plot_results
@@ -70,6 +77,7 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "sequence_study": _run_sequence_study,
     "bic_selection": _run_bic_selection,
     "cortisol_study": _run_cortisol_study,
+    "glmm_recovery": _run_glmm_recovery,
 }
 
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
@@ -108,7 +116,6 @@ def write_results(results: dict, path: str | Path) -> Path:
     path.write_text(json.dumps(to_jsonable(results), indent=2))
     print(f"results written to {path}")
     return path
-
 
 
 def write_plot(name: str, results: dict, json_path: str | Path) -> Path | None:

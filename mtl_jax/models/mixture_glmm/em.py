@@ -366,8 +366,12 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
     if family.is_gaussian:
         prec = psd_inverse(cov)
         weights = tau[:, None, None] * prec
-        ridge = _ridge(model, q * p, n, dtype) * jnp.max(jnp.diagonal(prec))
         target = y - design.offset[:, None]
+        # In units of the data's second moment, not of the residual precision: the random
+        # effects share the intercept, whose information (the Schur complement, about K / phi)
+        # can be far below n / sigma^2, and a ridge in those units would shrink an intercept
+        # far from zero into the task effects.
+        ridge = _ridge(model, q * p, n, dtype) / jnp.max(jnp.mean(target**2, axis=0) + jnp.finfo(dtype).tiny)
         solution = _solve_component(model, design, weights, target @ prec * tau[:, None], prior_prec, None, ridge)
         coef = solution.fixed.reshape(q, p)
         effects = solution.random.reshape(K, r_c, p) if with_effects else jnp.zeros((K, r_c, p), dtype)
@@ -396,6 +400,18 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
         phi = (jnp.einsum("i,ik,il->kl", task_weight, flat, flat)
                + jnp.einsum("i,ikl->kl", task_weight**2, spread)) / total
         phi = _structured(model, 0.5 * (phi + phi.T), model.variance_floor * effects_scale(model, design))
+        if d == 1 and model.membership == "observation":
+            # EM creeps towards phi = 0 by a factor 1 - O(phi) per step: step to the boundary when
+            # the Laplace surrogate prefers it, but only for a variance already below 1% of its
+            # scale. The surrogate is local: decided early, before the other parameters settle,
+            # a jump can trap EM at the floor (a g = 4 fit whose true phi_4 = 1 ended there).
+            posterior_prec = psd_inverse(solution.random_prec_inv)
+            small = phi[0, 0] < 1e-2 * effects_scale(model, design)[0]
+            phi_b, flat_b = boundary_aware_covariance(phi, flat, posterior_prec - prior_prec,
+                                                      jnp.einsum("ikl,il->ik", posterior_prec, flat),
+                                                      model.variance_floor * effects_scale(model, design)[0])
+            phi, flat = jnp.where(small, phi_b, phi), jnp.where(small, flat_b, flat)
+            effects = flat.reshape(K, r_c, p)
     return coef, effects, cov, phi, logdet
 
 

@@ -69,7 +69,8 @@ class Family:
         r""":math:`\log f(y\mid\eta)` elementwise for the non-Gaussian families (the Poisson in log space)."""
         if self.name == "poisson":
             return y * eta - jnp.exp(eta) - jax.lax.lgamma(y + 1.0)
-        return self.distribution(eta, trials).log_prob(y)
+        # NumPyro's binomial log-density comes back in the default float (float64 under x64).
+        return self.distribution(eta, trials).log_prob(y).astype(jnp.result_type(eta))
 
     def mean(self, eta, trials=1.0):
         r"""The mean per trial :math:`\mu(\eta)`: the identity, the logistic or the exponential."""

@@ -388,7 +388,8 @@ class MixtureGLMM:
             chol = cholesky(params.component_cov)
             noise = jax.random.normal(key_y, chosen.shape, chosen.dtype)
             return z, chosen + jnp.einsum("npk,nk->np", chol[z], noise)
-        draws = family.distribution(chosen[:, 0], design.trials).sample(key_y)
+        # NumPyro's binomial sampler indexes a table by the trial count, so it needs integers.
+        draws = family.distribution(chosen[:, 0], design.trials.astype(int)).sample(key_y)
         return z, draws[:, None].astype(chosen.dtype)
 
     # ---------------------------------------------------------------- labels
