@@ -131,3 +131,15 @@ def test_unknown_formula_term_is_a_clear_error(frame, tmp_path, capsys):
     code, captured = run(["fit", path, "--formula", "s ~ x + age + (1 | task)", "--components", 1,
                           "--out", tmp_path / "f.json", *TINY], capsys)
     assert code == 2 and "age" in captured.err
+
+
+def test_task_membership_mixes_on_the_intercept_unless_told_otherwise(frame):
+    """Python and CLI agree: membership per task defaults to intercept-only mixing; a covariate
+    that varies within a task, named explicitly, is refused with its task and rows."""
+    data = mtl_jax.TaskData.from_dataframe(frame, task="task", response="s", covariates=["x"], trials="n")
+    model = mtl_jax.MixtureGLMM(2, family="binomial", membership="task")
+    assert model.mixing_covariates == ()
+    assert model.labels(data)["mixing_columns"] == ["intercept"]
+    assert model.design(data).x_mix.shape[1] == 1
+    with pytest.raises(mtl_jax.DataError, match=r"mixing covariate 'x' varies within task 'p0'"):
+        mtl_jax.MixtureGLMM(2, family="binomial", membership="task", mixing_covariates=("x",)).design(data)

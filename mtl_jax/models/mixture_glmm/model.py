@@ -69,7 +69,8 @@ class MixtureGLMM:
     Attributes:
         num_components: ``g``.
         covariates: source columns of the component means (``None``: all columns).
-        mixing_covariates: source columns of the mixing proportions (``None``: all).
+        mixing_covariates: source columns of the mixing proportions (``None``: all, or the
+            intercept alone with membership per task, where they must be task-level).
         family: ``"gaussian"``, ``"bernoulli"``, ``"binomial"`` (trials from the data) or
             ``"poisson"``, each with its canonical link.
         random_slopes: source columns of the data with component random effects (slopes),
@@ -133,6 +134,8 @@ class MixtureGLMM:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.membership == "task" and self.mixing_covariates is None:
+            object.__setattr__(self, "mixing_covariates", ())
         if self.residual_update is None:
             object.__setattr__(self, "residual_update", "ml" if self.membership == "task" else "reml")
         if self.mixing_random_effects is None:
