@@ -143,3 +143,55 @@ def test_task_membership_mixes_on_the_intercept_unless_told_otherwise(frame):
     assert model.design(data).x_mix.shape[1] == 1
     with pytest.raises(mtl_jax.DataError, match=r"mixing covariate 'x' varies within task 'p0'"):
         mtl_jax.MixtureGLMM(2, family="binomial", membership="task", mixing_covariates=("x",)).design(data)
+
+
+@pytest.mark.parametrize("options, kwargs, columns", [
+    (["--family", "binomial", "--trials", "n", "--component-random-effects", "x",
+      "--random-effects-covariance", "diagonal"],
+     dict(family="binomial", random_slopes=("x",), random_effects_covariance="diagonal"), ["intercept", "x"]),
+    (["--family", "binomial", "--trials", "n", "--component-random-effects", "x", "--no-random-intercept",
+      "--quadrature-points", "5"],
+     dict(family="binomial", random_slopes=("x",), random_intercept=False, quadrature_points=5), ["x"]),
+])
+def test_random_effect_options_cli_equal_public_fit(frame, tmp_path, capsys, options, kwargs, columns):
+    """Random slopes, their covariance structure, no intercept and quadrature: the CLI fits the
+    model the public fit() fits, and the JSON names each task's effects by column."""
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "fit.json"
+    code, _ = run(["fit", path, "--task", "task", "--response", "s", "--covariates", "x", "--components", 1,
+                   *options, "--out", out, *TINY], capsys)
+    assert code == 0
+    data = mtl_jax.TaskData.from_dataframe(frame, task="task", response="s", covariates=["x"], trials="n")
+    public = mtl_jax.fit(mtl_jax.MixtureGLMM(1, covariates=("x",), mixing_covariates=("x",), **kwargs), data, "em", n_init=2, max_iter=200)
+    saved = mtl_jax.Fit.load(out)
+    assert saved.model == public.model
+    np.testing.assert_allclose(saved.params.component_effects_cov, public.params.component_effects_cov, rtol=1e-5)
+    np.testing.assert_allclose(saved.loglik, public.loglik, rtol=1e-6)
+    document = json.loads(out.read_text())
+    assert document["random_effect_columns"] == columns
+    phi = np.asarray(document["variance_components"]["component_cov"])
+    assert phi.shape == (1, len(columns), len(columns))
+    if len(columns) == 2:  # diagonal structure: no covariance between intercept and slope
+        assert phi[0, 0, 1] == 0.0 and phi[0, 0, 0] > 0 and phi[0, 1, 1] > 0
+    assert set(document["component_random_effects"]["p3"]) == {f"B1[{column}]" for column in columns}
+
+
+def test_mixing_formula_cli_equals_public_fit(frame, tmp_path, capsys):
+    """A task-level mixing covariate from --mixing-formula, membership per task."""
+    level = dict(zip(sorted(frame["task"].unique()), np.random.default_rng(3).normal(size=frame["task"].nunique())))
+    frame = frame.assign(group=frame["task"].map(level))  # task-level, not separating the clusters
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "fit.json"
+    code, _ = run(["fit", path, "--formula", "s ~ x + (1 | task)", "--mixing-formula", "~ group", "--family",
+                   "binomial", "--trials", "n", "--membership", "task", "--components", 2, "--out", out, *TINY],
+                  capsys)
+    assert code == 0
+    data, terms = mtl_jax.TaskData.from_formula(frame, "s ~ x + (1 | task)", "~ group", trials="n")
+    model = mtl_jax.MixtureGLMM(2, family="binomial", membership="task", **terms.model_kwargs())
+    public = mtl_jax.fit(model, data, "em", n_init=2, max_iter=200)
+    saved = mtl_jax.Fit.load(out)
+    assert saved.model == public.model and model.mixing_covariates == ("group",)
+    np.testing.assert_allclose(saved.params.mixing_coef, public.params.mixing_coef, rtol=1e-5)
+    assert np.asarray(saved.params.mixing_coef).shape == (1, 2)  # intercept and group

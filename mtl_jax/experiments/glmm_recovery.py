@@ -29,6 +29,7 @@ import functools
 import time
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,8 +133,7 @@ def simulate_design(key, model: MixtureGLMM, params: MixtureParams, num_tasks: i
         offset=offset,
     )
     _, y = model.simulate(key_y, truth, design)
-    return MixtureDesign(y=y, x_comp=design.x_comp, x_mix=design.x_mix, task=task, num_tasks=num_tasks,
-                         z_comp=design.z_comp, trials=design.trials, offset=offset), truth
+    return eqx.tree_at(lambda d: d.y, design, y), truth
 
 
 def _labels(model: MixtureGLMM, num_tasks: int) -> dict:
@@ -186,7 +186,7 @@ def run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
         model = design_model(spec)
         params = true_params(spec, num_tasks, dtype)
         data_key, fit_key = jax.random.split(jax.random.fold_in(root, index))
-        designs, truths = jax.vmap(
+        designs, _ = jax.vmap(
             lambda key: simulate_design(key, model, params, num_tasks, n_per_task, int(spec.get("trials", 1)))
         )(jax.random.split(data_key, replicates))
         designs = cast_floats(designs, dtype)
@@ -243,9 +243,9 @@ def _backend_check(model: MixtureGLMM, design: MixtureDesign, em_params: Mixture
     for name, em_value in em_named.items():
         draws = np.asarray(nuts_named[name], dtype=float)
         mean, sd = float(draws.mean()), float(draws.std())
-        rows[name] = {"em": float(em_value), "svi_mean": float(np.mean(svi_named[name])), "nuts_mean": mean,
-                      "nuts_sd": sd, "z_em": (float(em_value) - mean) / sd,
-                      "z_svi": (float(np.mean(svi_named[name])) - mean) / sd,
+        em_value, svi_mean = float(em_value), float(np.mean(svi_named[name]))
+        rows[name] = {"em": em_value, "svi_mean": svi_mean, "nuts_mean": mean, "nuts_sd": sd,
+                      "z_em": (em_value - mean) / sd, "z_svi": (svi_mean - mean) / sd,
                       "nuts_converged": bool(nuts.converged), "svi_converged": bool(svi.converged)}
     return pd.DataFrame.from_dict(rows, orient="index")
 

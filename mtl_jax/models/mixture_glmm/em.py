@@ -217,7 +217,8 @@ def effects_surrogate(cov, info, score_at_zero):
     return value, solved @ chol.T
 
 
-def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, grid_size: int = 24):
+def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, grid_size: int = 24,
+                              jump_below: float | None = None):
     r"""EM's covariance update, unless the boundary (or a way off it) is better.
 
     Near :math:`\Lambda = 0` the EM update shrinks by a factor :math:`1 - O(\Lambda)` per
@@ -232,6 +233,9 @@ def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, g
       so that a fit once at the floor can leave it.
 
     Where the surrogate replaces EM's covariance, the effects move to their surrogate modes.
+    The surrogate is local: with ``jump_below`` the floor is only considered once every
+    variance of EM's update is below it (decided early, before the other parameters settle,
+    a jump can trap EM at the floor).
 
     Args:
         cov: EM's updated covariance ``[r, r]`` (at or above ``floor * I``).
@@ -240,6 +244,7 @@ def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, g
             quadratic expansion (see :func:`effects_surrogate`).
         floor: :math:`\delta`.
         grid_size: points of the ray.
+        jump_below: consider the floor only when ``cov <= jump_below * I`` (``None``: always).
 
     Returns:
         ``(cov, effects)``.
@@ -256,6 +261,8 @@ def boundary_aware_covariance(cov, effects, info, score_at_zero, floor: float, g
     near_floor = is_positive_definite(100 * floor * eye - cov)  # every eigenvalue of cov <= 100 floor
     leave_floor = near_floor & (rise[-1] > 0) & (ray_values[best] > value_em)
     to_floor = (value_floor >= value_em) & ~leave_floor
+    if jump_below is not None:
+        to_floor &= is_positive_definite(jump_below * eye - cov)
     cov = jnp.where(to_floor, floor * eye, jnp.where(leave_floor, ray[best], cov))
     effects = jnp.where(to_floor, mode_floor, jnp.where(leave_floor, ray_modes[best], effects))
     return cov, effects
@@ -402,15 +409,13 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
         phi = _structured(model, 0.5 * (phi + phi.T), model.variance_floor * effects_scale(model, design))
         if d == 1 and model.membership == "observation":
             # EM creeps towards phi = 0 by a factor 1 - O(phi) per step: step to the boundary when
-            # the Laplace surrogate prefers it, but only for a variance already below 1% of its
-            # scale. The surrogate is local: decided early, before the other parameters settle,
-            # a jump can trap EM at the floor (a g = 4 fit whose true phi_4 = 1 ended there).
+            # the Laplace surrogate prefers it, once phi is below 1% of its scale (unrestricted,
+            # a g = 4 fit whose true phi_4 = 1 jumped early and stayed at the floor).
             posterior_prec = psd_inverse(solution.random_prec_inv)
-            small = phi[0, 0] < 1e-2 * effects_scale(model, design)[0]
-            phi_b, flat_b = boundary_aware_covariance(phi, flat, posterior_prec - prior_prec,
-                                                      jnp.einsum("ikl,il->ik", posterior_prec, flat),
-                                                      model.variance_floor * effects_scale(model, design)[0])
-            phi, flat = jnp.where(small, phi_b, phi), jnp.where(small, flat_b, flat)
+            scale = effects_scale(model, design)[0]
+            phi, flat = boundary_aware_covariance(phi, flat, posterior_prec - prior_prec,
+                                                  jnp.einsum("ikl,il->ik", posterior_prec, flat),
+                                                  model.variance_floor * scale, jump_below=1e-2 * scale)
             effects = flat.reshape(K, r_c, p)
     return coef, effects, cov, phi, logdet
 
