@@ -32,8 +32,8 @@ is a single fit.
 
 Every backend's options are listed by ``mtl-jax fit --help`` (from
 :data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM ``--n-init --max-iter --tol``; SVI
-``--guide --num-steps --learning-rate --svi-samples``; NUTS ``--num-warmup --num-samples
---num-chains --target-accept``. Unset options take the backend's defaults; an option of
+``--guide --num-steps --learning-rate --svi-samples --svi-parameterisation``; NUTS
+``--num-warmup --num-samples --num-chains --target-accept --nuts-parameterisation``. Unset options take the backend's defaults; an option of
 another backend than ``--method`` is an error. Problems of a fit (no convergence, a
 variance at its boundary, ...) are printed as ``warning: <problem>`` lines on stderr.
 

@@ -294,11 +294,13 @@ def test_nuts_options_reach_the_backend(nuts):
         ("svi", "--max-iter", "em"),
         ("nuts", "--svi-samples", "svi"),
         ("nuts", "--tol", "em"),
+        ("nuts", "--svi-parameterisation", "svi"),
+        ("svi", "--nuts-parameterisation", "nuts"),
     ],
 )
 def test_option_of_another_backend_exits_2_naming_it(data, tmp_path, method, flag, owner):
     out = tmp_path / "fit.json"
-    value = "normal" if flag == "--guide" else "5"
+    value = {"--guide": "normal", "--svi-parameterisation": "centred", "--nuts-parameterisation": "centred"}.get(flag, "5")
     run = run_main(fit_args(data.train, out, "--components", "1", "--method", method, flag, value))
     assert run.status == 2
     assert run.err.startswith("mtl-jax: error: ")

@@ -18,10 +18,11 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import unconstrain_fn
 
 from mtl_jax.infer.results import BackendResult
-from mtl_jax.infer.svi import align, align_draws, starting_points
+from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
 
 
-def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.1, init_params=None):
+def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.1, init_params=None,
+                 parameterisation: str = "noncentred"):
     """``(reference, starts)``: the alignment reference and each chain's start, unconstrained.
 
     Without ``init_params``, chain ``c`` starts at EM restart ``c`` aligned to the best one
@@ -29,7 +30,8 @@ def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.
     chain or a ``list`` of ``num_chains`` points (the first is then the reference and the
     others are aligned to it). Each start is mapped to the program's sampled sites
     (``model.site_values``), to the unconstrained space (``unconstrain_fn``), and moved by
-    ``init_jitter`` standard normals there.
+    ``init_jitter`` standard normals there; ``parameterisation`` picks the program's
+    form of the task effects (:func:`mtl_jax.infer.svi.program_for`).
 
     Returns:
         The reference point and a dict of unconstrained site values with a leading
@@ -48,7 +50,7 @@ def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.
                                 for point in init_params[1:]]
     else:
         reference, starts = starting_points(model, design, key_start, init_params, num=num_chains)
-    program = model.numpyro_model
+    program = program_for(model, parameterisation)
     unconstrained = [unconstrain_fn(program, (design,), {}, model.site_values(start)) for start in starts]
     stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *unconstrained)
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
@@ -70,6 +72,7 @@ def run_nuts_backend(
     num_chains: int = 4,
     target_accept: float = 0.8,
     init_jitter: float = 0.1,
+    parameterisation: str = "noncentred",
     init_params=None,
     progress: bool = False,
 ) -> BackendResult:
@@ -85,6 +88,8 @@ def run_nuts_backend(
         num_chains: chains, vectorised.
         target_accept: NUTS target acceptance probability.
         init_jitter: sd of the normal jitter added to each chain's start (unconstrained).
+        parameterisation: ``"noncentred"`` (default: no funnel between the task effects
+            and their variances) or ``"centred"`` task effects (data rich per task).
         init_params: one starting point for every chain (then only the jitter disperses
             them), or a ``list`` of one point per chain (the first is the alignment
             reference); see :func:`chain_starts`.
@@ -98,10 +103,10 @@ def run_nuts_backend(
     """
     key_start, key_chains = jax.random.split(key)
     reference, init = chain_starts(model, design, key_start, num_chains=num_chains, init_jitter=init_jitter,
-                                   init_params=init_params)
+                                   init_params=init_params, parameterisation=parameterisation)
     if num_chains == 1:  # NumPyro runs a single chain unbatched
         init = jax.tree_util.tree_map(lambda leaf: leaf[0], init)
-    kernel = NUTS(model.numpyro_model, target_accept_prob=target_accept)
+    kernel = NUTS(program_for(model, parameterisation), target_accept_prob=target_accept)
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method="vectorized", progress_bar=progress)
     mcmc.run(key_chains, design, init_params=init, extra_fields=("diverging",))
@@ -123,5 +128,7 @@ CLI_OPTIONS = (
     ("--num-samples", dict(type=int, metavar="N", help="NUTS draws per chain (default 500)")),
     ("--num-chains", dict(type=int, metavar="N", help="NUTS chains (default 4)")),
     ("--target-accept", dict(type=float, metavar="P", help="NUTS target acceptance (default 0.8)")),
+    ("--nuts-parameterisation", dict(choices=PARAMETERISATIONS, dest="parameterisation",
+                                     help="task effects in the NumPyro program (default noncentred)")),
 )
-"""Command-line options of :func:`run_nuts_backend`."""
+"""Command-line options of :func:`run_nuts_backend` (``--nuts-parameterisation`` sets ``parameterisation``)."""

@@ -61,10 +61,13 @@ Optional capabilities (checked with ``hasattr``):
 ``em_step(params, design) -> (params, objective)``
     One EM iteration (gives ``method="em"``). ``objective`` is the quantity the step
     does not decrease, evaluated at the old parameters (traced for tests and plots).
-``numpyro_model(design)``, ``site_values(params) -> dict``, ``from_sites(samples) -> params``
+``numpyro_model(design, centred=False)``, ``site_values(params) -> dict``, ``from_sites(samples) -> params``
     The model as a NumPyro program (gives ``"svi"`` and ``"nuts"``): ``site_values`` maps
-    a parameter point to the program's sampled sites (an initial value), ``from_sites``
-    maps samples of the program's sites (with any leading axes) back to parameters.
+    a parameter point to the program's sampled sites (an initial value; the sites of
+    both forms), ``from_sites`` maps samples of the program's sites (with any leading
+    axes) back to parameters. ``centred`` draws task-level location-scale effects
+    directly instead of as a transform of standard normals (SVI's mean-field guides
+    fit that form, NUTS the other); a model without such effects ignores it.
 ``align(params, reference) -> params``
     Label switching: ``params`` with its exchangeable parts (mixture components)
     permuted to best match ``reference``; a permutation must leave ``score``,

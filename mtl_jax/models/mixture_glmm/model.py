@@ -501,9 +501,9 @@ class MixtureGLMM:
         return problems
 
     # -------------------------------------------------------------- NumPyro
-    def numpyro_model(self, design: MixtureDesign) -> None:
-        """The model as a NumPyro program (:mod:`~mtl_jax.models.mixture_glmm.program`)."""
-        program.numpyro_model(self, design)
+    def numpyro_model(self, design: MixtureDesign, centred: bool = False) -> None:
+        """The model as a NumPyro program (:mod:`~mtl_jax.models.mixture_glmm.program`), task effects (non-)centred."""
+        program.numpyro_model(self, design, centred)
 
     def site_values(self, params: MixtureParams) -> dict[str, Array]:
         """The sampled sites of :meth:`numpyro_model` at the point ``params``."""

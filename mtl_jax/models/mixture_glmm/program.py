@@ -18,9 +18,13 @@ the response; other families: the mean of the empirical link
     \Phi_h = \operatorname{diag}(\tau_h) C_h C_h^T \operatorname{diag}(\tau_h),\quad
     \tau_{h,(a,k)} \sim \operatorname{HalfCauchy}(s_{sd} s_k),\ C_h \sim \operatorname{LKJCholesky}(d, \eta)
 
-(full structure; diagonal: :math:`C_h = I`; identity: one :math:`\tau_h`), non-centred
-effects :math:`a_i = \operatorname{chol}(\Lambda)\varepsilon^a_i`,
-:math:`\operatorname{vec}B_{hi} = \operatorname{chol}(\Phi_h)\varepsilon^b_{ih}`, and the
+(full structure; diagonal: :math:`C_h = I`; identity: one :math:`\tau_h`), task effects
+:math:`a_i \sim \mathcal N(0, \Lambda)`, :math:`\operatorname{vec}B_{hi} \sim \mathcal N(0, \Phi_h)`,
+non-centred by default (:math:`a_i = \operatorname{chol}(\Lambda)\varepsilon^a_i`,
+:math:`\operatorname{vec}B_{hi} = \operatorname{chol}(\Phi_h)\varepsilon^b_{ih}`: the
+funnel-free geometry NUTS needs) or centred (the effects are the sites: a mean-field guide
+then fits each effect apart from its variance, as variational EM does; see
+:func:`mtl_jax.infer.svi.run_svi_backend`), and the
 labels summed out: per row by ``MixtureSameFamily`` (membership per observation; a
 ``factor`` of the same sum for the non-Gaussian families), per task by a ``factor`` of :math:`\sum_i\log\sum_h\pi_h(x^m_i)\prod_{j\in i}f_h(y_j\mid B_{hi})`
 (membership per task). The intercept prior is centred only when the first component
@@ -30,7 +34,7 @@ Sampled sites: ``mixing_coef`` (``g > 1``), ``component_coef``, ``component_scal
 ``component_corr_chol`` (``p > 1``) for the Gaussian family, ``mixing_effects_sd``,
 ``mixing_corr_chol`` (``g > 2``), ``component_effects_sd``, ``component_effects_corr_chol``
 (full structure, ``d > 1``), and under ``plate("tasks", K)`` ``mixing_effects_z`` and
-``component_effects_z``. Every :class:`MixtureParams` field is a deterministic site of its
+``component_effects_z`` (centred: ``mixing_effects_centred`` and ``component_effects_centred``). Every :class:`MixtureParams` field is a deterministic site of its
 own name (zeros for switched-off parts).
 """
 
@@ -71,8 +75,23 @@ def _effects_cholesky(scale, concentration: float, with_correlation: bool):
     return sd[..., :, None] * jnp.eye(d, dtype=sd.dtype)
 
 
-def numpyro_model(model, design: MixtureDesign) -> None:
-    """The program of the module docstring."""
+def _task_effects(name: str, chol, num_tasks: int, centred: bool):
+    r"""Task effects ``[K, *batch, d]`` :math:`\sim \mathcal N(0, LL^T)` for Cholesky factors ``chol [*batch, d, d]``.
+
+    Centred: the site ``{name}_centred`` is the effects themselves; otherwise the site
+    ``{name}_z`` holds standard normals and the effects are :math:`Lz`.
+    """
+    batch, d = chol.shape[:-2], chol.shape[-1]
+    with numpyro.plate("tasks", num_tasks):
+        if centred:
+            effects = dist.MultivariateNormal(jnp.zeros(batch + (d,), chol.dtype), scale_tril=chol)
+            return numpyro.sample(f"{name}_centred", effects.to_event(len(batch)))
+        z = numpyro.sample(f"{name}_z", dist.Normal(0.0, 1.0).expand(batch + (d,)).to_event(len(batch) + 1))
+    return jnp.einsum("...de,i...e->i...d", chol, z)
+
+
+def numpyro_model(model, design: MixtureDesign, centred: bool = False) -> None:
+    """The program of the module docstring (``centred``: see :func:`_task_effects`)."""
     priors = model.priors
     family = model.response_family
     g, K = model.num_components, design.num_tasks
@@ -111,9 +130,7 @@ def numpyro_model(model, design: MixtureDesign) -> None:
             lam_chol = sd[:, None] * corr
         else:
             lam_chol = sd[:, None]
-        with numpyro.plate("tasks", K):
-            z = numpyro.sample("mixing_effects_z", dist.Normal(0.0, 1.0).expand((g1,)).to_event(1))
-        mixing_cov, a = lam_chol @ lam_chol.T, z @ lam_chol.T
+        mixing_cov, a = lam_chol @ lam_chol.T, _task_effects("mixing_effects", lam_chol, K, centred)
     else:
         mixing_cov, a = jnp.zeros((g1, g1), dtype), jnp.zeros((K, g1), dtype)
     mixing_cov = numpyro.deterministic("mixing_cov", mixing_cov)
@@ -129,10 +146,9 @@ def numpyro_model(model, design: MixtureDesign) -> None:
         else:
             phi_chol = _effects_cholesky(jnp.broadcast_to(effect_scale, (g, d)), priors.lkj_concentration,
                                          structure == "full")
-        with numpyro.plate("tasks", K):
-            z = numpyro.sample("component_effects_z", dist.Normal(0.0, 1.0).expand((g, d)).to_event(2))
         phi = phi_chol @ jnp.swapaxes(phi_chol, -1, -2)
-        b = jnp.einsum("...hde,...ihe->...ihd", phi_chol, z).reshape(z.shape[:-1] + (r_c, p))
+        b = _task_effects("component_effects", phi_chol, K, centred)
+        b = b.reshape(b.shape[:-1] + (r_c, p))
     else:
         phi, b = jnp.zeros((g, d, d), dtype), jnp.zeros((K, g, r_c, p), dtype)
     phi = numpyro.deterministic("component_effects_cov", phi)
@@ -170,7 +186,7 @@ def site_values(model, params: MixtureParams) -> dict[str, Array]:
 
     Standard deviations are floored at :data:`MIN_SD` (the floor only keeps the start
     finite); the non-centred effects are solved from ``effects = L z`` so the effects are
-    reproduced.
+    reproduced. Both forms' effect sites are given (each program reads its own).
     """
     values = {"component_coef": params.component_coef}
     if model.num_components > 1:
@@ -187,9 +203,11 @@ def site_values(model, params: MixtureParams) -> dict[str, Array]:
         if sd.shape[0] > 1:
             values["mixing_corr_chol"] = corr_chol
         values["mixing_effects_z"] = solve_triangular(sd[:, None] * corr_chol, params.mixing_effects.T).T
+        values["mixing_effects_centred"] = params.mixing_effects
     if model.component_random_effects:
         K, g = params.component_effects.shape[:2]
         effects = params.component_effects.reshape(K, g, -1)
+        values["component_effects_centred"] = effects
         sd, corr_chol = _sd_and_correlation(params.component_effects_cov)
         structure = model.random_effects_covariance
         if structure == "identity":

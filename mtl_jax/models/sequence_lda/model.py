@@ -223,8 +223,9 @@ class SequenceLDA(SequenceModel):
         """The topic fields' sites, named without ``log_`` (``log_trans -> "trans"``, ``log_var -> "var"``)."""
         return tuple(field.removeprefix("log_") for field in GENERATORS[self.generator].params_type._fields)
 
-    def numpyro_model(self, design: SequenceData) -> None:
-        r"""The model as a NumPyro program, each sequence's topic summed out.
+    def numpyro_model(self, design: SequenceData, centred: bool = False) -> None:
+        r"""The model as a NumPyro program, each sequence's topic summed out (``centred`` is
+        ignored: the task proportions are Dirichlet, with no location-scale form).
 
         With ``T`` tasks, ``K`` topics and row ``n`` of task :math:`t_n`, multiplicity
         :math:`c_n`:
