@@ -8,15 +8,18 @@ Public API::
     result.summary(); result.predict(new_frame); result.score(new_frame); result.save("fit.json")
     selection = select_components(MixtureGLMM(num_components=1), data, components=range(1, 5))  # by BIC
     selection.table; selection.best
+    people = PersonData.from_csv("ema.csv", person="user_id", labels="mood_Label")   # users as tasks
+    net = fit(MTLNet(hidden=(32,)), people, method="map")                           # or "svi", "nuts"
 """
 
-from mtl_jax.data import DataError, TaskData, data_dir, train_test_split_by_task
+from mtl_jax.data import DataError, PersonData, TaskData, data_dir, train_test_split_by_task
 from mtl_jax.infer.fit import FitWarning, fit
 from mtl_jax.infer.results import Fit
 from mtl_jax.infer.selection import Selection, select_components
 from mtl_jax.models import MODELS, model_class
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
+from mtl_jax.models.mtl_net import MTLNet, PooledNet
 from mtl_jax.models.sequence_lda import SequenceLDA, SequenceLDAParams, SequencePerTask, SequencePooled
 
 __all__ = [
@@ -28,6 +31,9 @@ __all__ = [
     "MixtureGLMM",
     "MixtureParams",
     "MixturePriors",
+    "MTLNet",
+    "PersonData",
+    "PooledNet",
     "Selection",
     "SequenceData",
     "SequenceLDA",

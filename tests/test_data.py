@@ -181,7 +181,7 @@ def test_from_csv(frame, tmp_path):
         (("colour", 16, None), {}, r"column 'colour' has a missing value at row 16 "
          r"\(task 'b'\)"),
         (None, {"response": "colour", "covariates": ["x"]},
-         r"response column 'colour' is not numeric"),
+         r"response 'colour' is not numeric"),
         (None, {"task_names": ["a", "b", "c", "d"]}, r"task\(s\) \['d'\] .* have no rows"),
         (None, {"task_names": ["a", "b"]}, r"task 'c' at row 14 is not in task_names"),
         (None, {"covariates": ["x", "x"]}, r"'x'\] used more than once"),

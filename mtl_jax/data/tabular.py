@@ -652,17 +652,31 @@ def _response_levels(frame: pd.DataFrame, response: tuple[str, ...], positive: A
         raise DataError(f"response column {response[0]!r} is not numeric: only a single two-level response "
                         "can be text")
     _check_missing(frame, response[0], task_labels)
-    levels = _sorted_levels(series)
+    return two_levels(series, f"response {response[0]!r}", positive)
+
+
+def two_levels(series: pd.Series, what: str, positive: Any) -> tuple[str, str]:
+    """``(negative, positive)`` labels of a text or boolean series (missing values dropped).
+
+    Args:
+        series: the column.
+        what: how errors name it, e.g. ``"response 'y'"``.
+        positive: the level coded 1 (``None``: ``True`` for a boolean column, else an error).
+
+    Raises:
+        DataError: for other than two levels, no ``positive`` for text, or an unknown one.
+    """
+    levels = _sorted_levels(series.dropna())
     if len(levels) != 2:
-        raise DataError(f"response column {response[0]!r} is not numeric: it has {len(levels)} text levels "
-                        f"{list(levels)[:5]}; only a two-level response can be text (coded 0/1 with positive=...)")
+        raise DataError(f"{what} is not numeric: it has {len(levels)} text levels {list(levels)[:5]}; only a "
+                        "two-level column can be text (coded 0/1 with positive=...)")
     if positive is None and pd.api.types.is_bool_dtype(series):
         positive = "True"
     if positive is None:
-        raise DataError(f"response {response[0]!r} has the text levels {list(levels)}: say which one is 1 "
-                        "(positive=..., --positive LABEL)")
+        raise DataError(f"{what} has the text levels {list(levels)}: say which one is 1 (positive=..., "
+                        "--positive LABEL)")
     if _label(positive) not in levels:
-        raise DataError(f"positive={positive!r} is not a level of response {response[0]!r} {list(levels)}")
+        raise DataError(f"positive={positive!r} is not a level of {what} {list(levels)}")
     negative = levels[1] if levels[0] == _label(positive) else levels[0]
     return negative, _label(positive)
 

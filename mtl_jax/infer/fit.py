@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.infer import em, nuts, svi
+from mtl_jax.infer import em, nuts, optimize, svi
 from mtl_jax.infer.results import BackendResult, Fit, float_dtype, posterior_table
 from mtl_jax.models.protocol import supports
 
@@ -29,10 +29,11 @@ BACKENDS: dict[str, Callable[..., BackendResult]] = {
     "em": em.run_em_backend,
     "svi": svi.run_svi_backend,
     "nuts": nuts.run_nuts_backend,
+    "map": optimize.run_map_backend,
 }
 """Backends by method name."""
 
-BACKEND_OPTIONS = {"em": em.CLI_OPTIONS, "svi": svi.CLI_OPTIONS, "nuts": nuts.CLI_OPTIONS}
+BACKEND_OPTIONS = {"em": em.CLI_OPTIONS, "svi": svi.CLI_OPTIONS, "nuts": nuts.CLI_OPTIONS, "map": optimize.CLI_OPTIONS}
 """``(flag, argparse keywords)`` per backend option, for the command line."""
 
 #: R-hat (rank-normalised split, after relabelling) below which MCMC counts as converged.

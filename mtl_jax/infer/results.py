@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mtl_jax.data import Schema
+from mtl_jax.data import Schema, schema_from_dict
 from mtl_jax.models.protocol import model_config, model_from_config
 
 
@@ -261,7 +261,7 @@ class Fit:
             n_iter=data["n_iter"],
             trace=np.asarray(data["trace"], dtype=float),
             labels=labels,
-            schema=None if data["schema"] is None else Schema.from_dict(data["schema"]),
+            schema=None if data["schema"] is None else schema_from_dict(data["schema"]),
             num_obs=data["num_obs"],
             draws=pytree_from_json(data["draws"], skeleton) if "draws" in data else None,
             iid_draws=data["iid_draws"],

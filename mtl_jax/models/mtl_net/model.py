@@ -1,0 +1,332 @@
+r"""The hard-shared multitask net on the model protocol (``"mtl-net"``, and ``"pooled-net"``).
+
+The network is :mod:`.network`: a shared trunk, a population head and per-task head
+deviations. Its training objective (``method="map"``, :mod:`mtl_jax.infer.optimize`) is
+
+.. math::
+
+    \sum_k \frac{1}{m_k}\sum_{j \in k} w_j\,\ell(y_j, \eta_j)
+    + \lambda_s \lVert \theta_{\text{shared}}\rVert^2
+    + \lambda_t \sum_k \lVert(\delta_k, \epsilon_k)\rVert^2
+
+(:math:`\ell` the negative log-likelihood of the task's family, :math:`w_j` 0 for a
+missing label, :math:`m_k = \sum_{j\in k} w_j`), combined over tasks as the chosen task
+weighting says. Penalising the deviations pulls every head towards the population head,
+which is what a person unseen in training gets. The same net is a NumPyro program
+(:mod:`.program`) for ``method="svi"`` and ``"nuts"``: Gaussian priors on the shared
+weights and a hierarchical prior on the head deviations whose scale is learned.
+
+``pooled=True`` (``"pooled-net"``) has no task deviations: one net for all tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from mtl_jax.data.personal import PersonData, PersonSchema, encode
+from mtl_jax.data.tabular import DataError
+from mtl_jax.linalg import segment_sum
+from mtl_jax.models.mtl_net import network, program
+from mtl_jax.models.mtl_net.network import NetParams
+from mtl_jax.models.protocol import register
+
+
+def default_hidden(num_inputs: int) -> tuple[int, ...]:
+    """One hidden layer of ``2 q`` units, clipped to ``[8, 64]``: the default architecture."""
+    return (int(min(64, max(8, 2 * num_inputs))),)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MTLNet:
+    """A hard-shared multitask net.
+
+    Attributes:
+        hidden: widths of the shared layers; ``None`` sizes them to the data
+            (:func:`default_hidden`); ``()`` has no shared layer (linear heads).
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        dropout: dropout rate on the hidden layers during MAP training.
+        l2_shared: :math:`\\lambda_s` on the trunk and the population head.
+        l2_task: :math:`\\lambda_t` on the per-task head deviations.
+        prior_scale: sd of the Gaussian priors of the NumPyro program (weights of a
+            layer with fan-in ``f``: ``prior_scale / sqrt(f)``).
+        pooled: no per-task heads (``"pooled-net"``).
+    """
+
+    hidden: tuple[int, ...] | None = None
+    activation: str = "relu"
+    dropout: float = 0.0
+    l2_shared: float = 1e-4
+    l2_task: float = 1e-2
+    prior_scale: float = 1.0
+    pooled: bool = False
+
+    name: ClassVar[str] = "mtl-net"
+    methods: ClassVar[frozenset] = frozenset({"map", "svi", "nuts"})
+
+    def __post_init__(self):
+        if self.activation not in network.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(network.ACTIVATIONS)}, not {self.activation!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.hidden is not None and any(int(width) < 1 for width in self.hidden):
+            raise ValueError(f"hidden widths must be positive, got {self.hidden}")
+        if min(self.l2_shared, self.l2_task) < 0 or self.prior_scale <= 0:
+            raise ValueError("l2_shared and l2_task must be >= 0 and prior_scale > 0")
+
+    # ------------------------------------------------------------------ data
+    def design(self, data) -> PersonData:
+        """The :class:`~mtl_jax.data.personal.PersonData` itself.
+
+        Raises:
+            ValueError: for other data.
+        """
+        if not isinstance(data, PersonData):
+            raise ValueError(f"{self.name} needs PersonData (mtl_jax.data.personal), got {type(data).__name__}")
+        return data
+
+    def widths(self, num_inputs: int) -> tuple[int, ...]:
+        """The shared layers' widths for ``num_inputs`` features."""
+        return default_hidden(num_inputs) if self.hidden is None else tuple(int(w) for w in self.hidden)
+
+    def labels(self, data: PersonData) -> dict[str, Any]:
+        """Task names, feature columns, label (response) names, hidden widths, which tasks are binary."""
+        return {"task_names": list(data.task_names), "columns": list(data.columns),
+                "response_names": list(data.schema.labels), "hidden": list(self.widths(data.X.shape[1])),
+                "task_binary": [bool(b) for b in np.asarray(data.task_binary)]}
+
+    def num_observations(self, design: PersonData) -> int:
+        """Observed labels."""
+        return int(np.sum(np.asarray(design.weight)))
+
+    # ------------------------------------------------------------ parameters
+    def init(self, key: PRNGKeyArray, design: PersonData) -> NetParams:
+        """Glorot trunk, zero head deviations (:func:`.network.init_params`)."""
+        return network.init_params(key, design.X.shape[1], self.widths(design.X.shape[1]), design.num_tasks,
+                                   design.X.dtype)
+
+    def params_like(self, labels: dict) -> NetParams:
+        """Parameters shaped like a fit's (values irrelevant)."""
+        return network.init_params(jax.random.key(0), len(labels["columns"]), tuple(labels["hidden"]),
+                                   len(labels["task_names"]))
+
+    def num_parameters(self, design: PersonData) -> int:
+        """Every weight, bias and noise scale of the net (the heads' deviations included)."""
+        params = self.init(jax.random.key(0), design)
+        return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(params)))
+
+    def population(self, params: NetParams):
+        """What every task shares: trunk, population head and noise scale."""
+        return (params.trunk, params.population_weight, params.population_bias, params.population_log_noise_sd)
+
+    def shared_mask(self, params: NetParams):
+        """``True`` on the shared leaves (trunk, population head), ``False`` on the per-task ones."""
+        mask = jax.tree_util.tree_map(lambda _: True, params)
+        return eqx.tree_at(lambda p: (p.head_weight, p.head_bias, p.log_noise_sd), mask, (False, False, False))
+
+    # ------------------------------------------------------------ likelihood
+    def _heads(self, params: NetParams) -> NetParams:
+        if not self.pooled:
+            return params
+        return eqx.tree_at(lambda p: (p.head_weight, p.head_bias), params,
+                           (jnp.zeros_like(params.head_weight), jnp.zeros_like(params.head_bias)))
+
+    def row_log_likelihood(self, params: NetParams, design: PersonData,
+                           key: PRNGKeyArray | None = None) -> Float[Array, " n"]:
+        """:math:`\\log p(y_j)` per observation (masked rows included; weight them yourself)."""
+        params = self._heads(params)
+        eta, log_sd = network.linear_predictor(params, design.X, design.task, self.activation, self.dropout, key)
+        return network.row_log_likelihood(eta, log_sd, design.y, self._binary_rows(params, design))
+
+    def _binary_rows(self, params: NetParams, design: PersonData):
+        known = jnp.where(design.task < design.task_binary.shape[0], design.task, 0)
+        return design.task_binary[known]
+
+    def task_losses(self, params: NetParams, design: PersonData, row_weight, key=None) -> Float[Array, " K"]:
+        """Per-task mean negative log-likelihood of the rows weighted by ``row_weight`` (times the label mask)."""
+        weight = row_weight * design.weight
+        K = params.num_tasks
+        total = segment_sum(-weight * self.row_log_likelihood(params, design, key), design.task, K)
+        count = segment_sum(weight, design.task, K)
+        return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
+
+    def penalty(self, params: NetParams) -> Float[Array, ""]:
+        """:math:`\\lambda_s(\\lVert\\text{trunk}\\rVert^2 + \\lVert u\\rVert^2) + \\lambda_t\\sum_k\\lVert(\\delta_k,\\epsilon_k)\\rVert^2`."""
+        shared = sum(jnp.sum(layer.weight ** 2) for layer in params.trunk) + jnp.sum(params.population_weight ** 2)
+        task = jnp.sum(params.head_weight ** 2) + jnp.sum(params.head_bias ** 2)
+        return self.l2_shared * shared + self.l2_task * task
+
+    def split_rows(self, design: PersonData, key: PRNGKeyArray, fraction: float):
+        """``(train, validation)`` row weights: the data's own split, or ``fraction`` of each
+        task's training rows drawn at random for validation when the data have no validation rows."""
+        train = (design.split == 0).astype(design.X.dtype)
+        validation = (design.split == 1).astype(design.X.dtype)
+        if bool(jnp.any(validation * design.weight > 0)) or fraction <= 0:
+            return train, validation
+        held = (jax.random.uniform(key, design.y.shape) < fraction).astype(design.X.dtype) * train
+        return train - held, held
+
+    def score(self, params: NetParams, design: PersonData) -> Float[Array, ""]:
+        """Log-likelihood of the observed labels (training and validation rows; test rows excluded)."""
+        weight = design.weight * (design.split < 2)
+        return jnp.sum(weight * self.row_log_likelihood(params, design))
+
+    def predict(self, params: NetParams, design: PersonData) -> Float[Array, "samples L"]:
+        """Per input row and label: the probability of the positive level (binary) or the mean."""
+        params = self._heads(params)
+        eta, _ = network.linear_predictor(params, design.X, design.task, self.activation)
+        mean = network.mean_response(eta, self._binary_rows(params, design))
+        return mean.reshape(-1, design.num_labels)
+
+    def log_predictive(self, params: NetParams, design: PersonData) -> Float[Array, " samples"]:
+        """Per input row: the log-likelihood of its observed labels (0 when none is observed)."""
+        values = design.weight * self.row_log_likelihood(params, design)
+        return values.reshape(-1, design.num_labels).sum(axis=1)
+
+    # --------------------------------------------------------------- reports
+    def named_parameters(self, params: NetParams, labels: dict, leading: int = 0) -> dict[str, np.ndarray]:
+        """Population head (``population_bias``, ``population_weight[h]``), the head-deviation
+        scale (rms of the deviations) and each Gaussian task's noise sd."""
+        lead = (slice(None),) * leading
+        weight = np.asarray(params.population_weight)
+        named = {"population_bias": np.asarray(params.population_bias)}
+        named.update({f"population_weight[{h}]": weight[lead + (h,)] for h in range(weight.shape[-1])})
+        deviations = np.asarray(params.head_weight)
+        named["head_deviation_rms"] = np.sqrt(np.mean(deviations ** 2, axis=(-2, -1)))
+        log_sd = np.asarray(params.log_noise_sd)
+        for k, (name, binary) in enumerate(zip(labels["task_names"], labels["task_binary"])):
+            if not binary:
+                named[f"noise_sd[{name}]"] = np.exp(log_sd[lead + (k,)])
+        return named
+
+    def report(self, params: NetParams, labels: dict) -> dict[str, Any]:
+        """Per task: its head (population plus deviation) as ``bias`` and ``weight``."""
+        weight = np.asarray(params.population_weight) + np.asarray(params.head_weight)
+        bias = np.asarray(params.population_bias) + np.asarray(params.head_bias)
+        return {"hidden": labels["hidden"], "task_heads": {
+            name: {"bias": float(bias[k]), "weight": weight[k].tolist()} for k, name in enumerate(labels["task_names"])}}
+
+    # --------------------------------------------------------------- NumPyro
+    def numpyro_model(self, design: PersonData, centred: bool = False) -> None:
+        """The net as a NumPyro program (:mod:`.program`)."""
+        program.numpyro_model(self, design, centred)
+
+    def site_values(self, params: NetParams) -> dict[str, Array]:
+        """The program's sampled sites at ``params``."""
+        return program.site_values(self, params)
+
+    def param_sites(self) -> tuple[str, ...]:
+        """The deterministic sites :meth:`from_sites` reads."""
+        return program.param_sites(len(self.widths(1)))
+
+    def from_sites(self, samples: dict[str, Array]) -> NetParams:
+        """Parameters from samples of :meth:`param_sites` (any leading axes)."""
+        return program.from_sites(samples, len(self.widths(1)))
+
+    # ------------------------------------------------------------------- CLI
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Options of ``mtl-jax fit --model mtl-net``."""
+        group = parser.add_argument_group(f"{cls.name} options")
+        group.add_argument("--hidden", type=int, nargs="*", metavar="H", default=None,
+                           help="shared layer widths (default: one layer of 2 x features, in [8, 64]; "
+                                "give none for linear heads)")
+        group.add_argument("--activation", default="relu", choices=sorted(network.ACTIVATIONS))
+        group.add_argument("--dropout", type=float, default=0.0, help="dropout rate in MAP training (default 0)")
+        group.add_argument("--l2-shared", type=float, default=1e-4, help="L2 on the shared weights (default 1e-4)")
+        group.add_argument("--l2-task", type=float, default=1e-2,
+                           help="L2 on the task heads' deviations from the population head (default 1e-2)")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace):
+        """The model of the parsed options."""
+        return cls(hidden=None if args.hidden is None else tuple(args.hidden), activation=args.activation,
+                   dropout=args.dropout, l2_shared=args.l2_shared, l2_task=args.l2_task)
+
+    @classmethod
+    def add_data_arguments(cls, parser) -> None:
+        """Data options: person/task column, labels, features, tasks from users or labels, normalisation."""
+        add_person_data_arguments(parser, cls.name)
+
+    def data_from_frame(self, frame, args=None, *, labels: dict | None = None, schema=None,
+                        require_response: bool = False) -> PersonData:
+        """Training data from ``args``, or new data encoded with a fit's ``schema`` and task names."""
+        return person_data_from_frame(frame, args, labels=labels, schema=schema, require_response=require_response)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PooledNet(MTLNet):
+    """One net for all tasks (no task heads): the pooled baseline."""
+
+    pooled: bool = True
+    name: ClassVar[str] = "pooled-net"
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace):
+        """The model of the parsed options (``--l2-task`` is ignored)."""
+        return cls(hidden=None if args.hidden is None else tuple(args.hidden), activation=args.activation,
+                   dropout=args.dropout, l2_shared=args.l2_shared)
+
+
+def add_person_data_arguments(parser, model_name: str) -> None:
+    """The data options every per-person model shares (``mtl-jax fit --model ...``)."""
+    data = parser.add_argument_group(f"data options ({model_name})")
+    data.add_argument("--task", help="the person column (one task per person; with --tasks labels, still the "
+                                     "person column used for per-person normalisation)")
+    data.add_argument("--response", nargs="+", metavar="COL",
+                      help="label column(s) (default: every column containing '_Label')")
+    data.add_argument("--covariates", nargs="+", metavar="COL",
+                      help="feature columns (default: every column but the person, timestamp, split and labels)")
+    data.add_argument("--tasks", choices=("users", "labels"), default="users",
+                      help="one task per person (users, default) or per label column (labels)")
+    data.add_argument("--timestamp", metavar="COL", help="timestamp column (not a feature)")
+    data.add_argument("--split", metavar="COL", help="column of train/validation/test per row")
+    data.add_argument("--normalise", choices=("global", "person", "none"), default=None,
+                      help="feature normalisation from the training rows: global (default), per person, or none")
+    data.add_argument("--no-standardize", dest="standardize", action="store_false",
+                      help="same as --normalise none")
+    data.add_argument("--missing", choices=("fill", "error"), default="fill",
+                      help="missing features: training mean plus indicator (fill, default) or an error")
+    data.add_argument("--categorical", nargs="+", default=[], metavar="COL", help="features to dummy-code")
+    data.add_argument("--positive", metavar="LABEL", help="the level coded 1 of a two-level text label")
+
+
+def person_data_from_frame(frame, args=None, *, labels: dict | None = None, schema=None,
+                           require_response: bool = False) -> PersonData:
+    """Encodes a frame for the per-person models: training data from the parsed ``args``,
+    or new data from a fit's ``schema`` (tasks unseen in training get ids after the known ones).
+
+    Raises:
+        DataError: for invalid data; ValueError for a missing ``--task``.
+    """
+    if isinstance(frame, PersonData):
+        return frame
+    if labels is not None:
+        if not isinstance(schema, PersonSchema):
+            raise ValueError("this fit has no per-person schema to encode new data with")
+        if require_response:
+            absent = [c for c in schema.labels if c not in frame.columns]
+            if absent:
+                raise DataError(f"label column(s) {absent} needed to score are not in the data")
+        return encode(frame, schema, labels["task_names"])
+    if not args.task:
+        raise ValueError("--task COL (the person column) is required")
+    normalise = args.normalise or ("global" if args.standardize else "none")
+    if not args.standardize and args.normalise not in (None, "none"):
+        raise ValueError("--no-standardize contradicts --normalise " + args.normalise)
+    return PersonData.from_dataframe(frame, person=args.task, labels=args.response, features=args.covariates,
+                                     tasks=args.tasks, timestamp=args.timestamp, split=args.split,
+                                     normalise=normalise, missing=args.missing, categorical=args.categorical,
+                                     positive=args.positive)
+
+
+__all__ = ["MTLNet", "PooledNet", "add_person_data_arguments", "default_hidden", "person_data_from_frame"]
