@@ -202,7 +202,8 @@ def _fit(args: argparse.Namespace) -> None:
     selecting = len(components) > 1
     if selecting:
         candidate_models(model, components)  # bad values are bad input (status 2), not a failed fit
-    data = model.data_from_frame(pd.read_csv(args.data), args)
+    frame = model.read_frame(args.data, args) if hasattr(model, "read_frame") else pd.read_csv(args.data)
+    data = model.data_from_frame(frame, args)
     shown = ", ".join(f"{key}={value}" for key, value in options.items() if key != "progress")
     rows = model.num_observations(model.design(data))
     print(f"fitting {args.model} to {rows} rows in {data.num_tasks} tasks with {args.method.upper()}"

@@ -202,3 +202,21 @@ def test_cli_fit_predict_score(tmp_path):
     assert done.returncode == 0, done.stderr
     expected = Fit.load(out).predict(frame)[:, 0]
     np.testing.assert_allclose(pd.read_csv(pred)["pred_stress_Label"], expected, rtol=1e-6)
+
+
+def test_cli_reads_task_dict_pickles_only_with_allow_pickle(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    tasks = [{"Name": f"u{k}", "X": rng.normal(size=(20, 3)), "Y": rng.integers(0, 2, 20), "ModalityDict": {"phys": 0}}
+             for k in range(3)]
+    path = tmp_path / "tasks.pkl"
+    path.write_bytes(pickle.dumps(tasks))
+    out = tmp_path / "fit.json"
+    run = [sys.executable, "-m", "mtl_jax.cli", "fit", str(path), "--model", "mtl-net", "--task", "task",
+           "--response", "Y", "--hidden", "2", "--method", "map", "--max-steps", "50", "--out", str(out)]
+    refused = subprocess.run(run, capture_output=True, text=True)
+    assert refused.returncode == 2 and "allow_pickle=True" in refused.stderr and not out.exists()
+    accepted = subprocess.run([*run, "--allow-pickle"], capture_output=True, text=True)
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(out.read_text())["labels"]["task_names"] == ["u0", "u1", "u2"]

@@ -281,12 +281,13 @@ def modality_blocks(columns: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
     return tuple((name, start, stop) for name, start, stop in blocks)
 
 
-def read_task_dict_pickle(path: str | Path, *, allow_pickle: bool = False, tasks: str = "users") -> pd.DataFrame:
+def read_task_dict_pickle(path: str | Path, *, allow_pickle: bool = False) -> pd.DataFrame:
     """A frame from the original project's pickled task-dict list (``Name``, ``X``, ``Y``, ``ModalityDict``).
 
     The frame has a ``task`` column (the ``Name``: the person with users as tasks, the
-    label with labels as tasks), features ``f0 ..`` named ``<modality>_<j>`` from
-    ``ModalityDict`` when it is given, and the label column ``Y``. Unpickling can run
+    label with labels as tasks), features named ``<modality>_<j>`` from ``ModalityDict``
+    (``f<j>`` without one), and the label column ``Y``. Either kind is then fitted with
+    ``person="task", labels="Y"``: every task's rows are its own, as in the file. Unpickling can run
     arbitrary code, so it needs ``allow_pickle=True`` (``--allow-pickle``).
 
     Raises:

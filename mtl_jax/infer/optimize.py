@@ -125,7 +125,24 @@ def make_step(model, optimizer, weight_optimizer, *, weighting: str, sampling: s
     return step
 
 
-def run_map_backend(
+def run_map_backend(model, design, key, *, init_params=None, progress: bool = False, **training) -> BackendResult:
+    """``method="map"``: the model's own solver where it has one, else :func:`train`.
+
+    A model with ``solve(design, key) -> (params, converged, n_iter)`` (a convex fit by
+    Newton, FISTA or a linear system: the single-task baselines) is fitted by it; it
+    takes no training options (a ``ValueError`` names them). Any other model is trained
+    by :func:`train` with ``training`` as its options.
+    """
+    if hasattr(model, "solve"):
+        if training or init_params is not None:
+            given = sorted(training) + (["init_params"] if init_params is not None else [])
+            raise ValueError(f"{model.name} is fitted by its own solver and takes no training options ({given})")
+        params, converged, n_iter = model.solve(design, key)
+        return BackendResult(params=params, converged=bool(converged), n_iter=int(n_iter), trace=np.zeros(0))
+    return train(model, design, key, init_params=init_params, progress=progress, **training)
+
+
+def train(
     model,
     design,
     key,

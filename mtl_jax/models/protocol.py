@@ -86,6 +86,9 @@ Optional capabilities (checked with ``hasattr``):
     intervals and clusters from them.
 ``simulate(key, params, design)``
     Draws from the model.
+``read_frame(path, args) -> pandas.DataFrame``
+    How ``mtl-jax fit`` reads its data file (default ``pandas.read_csv``), e.g. the
+    per-person models' task-dict pickles behind ``--allow-pickle``.
 ``score_columns(params, design) -> dict[str, [n] array]``
     Extra per-row scores (e.g. sequence-lda's ``next_correct`` / ``next_total``) that
     :meth:`mtl_jax.Fit.score_table` and ``mtl-jax score`` add after ``loglik``, mapped to

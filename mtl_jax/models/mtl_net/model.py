@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from mtl_jax.data.personal import PersonData, PersonSchema, encode
+from mtl_jax.data.personal import PersonData, PersonSchema, encode, read_task_dict_pickle
 from mtl_jax.data.tabular import DataError
 from mtl_jax.linalg import segment_sum
 from mtl_jax.models.mtl_net import network, program
@@ -261,6 +263,11 @@ class MTLNet:
         """Training data from ``args``, or new data encoded with a fit's ``schema`` and task names."""
         return person_data_from_frame(frame, args, labels=labels, schema=schema, require_response=require_response)
 
+    @staticmethod
+    def read_frame(path, args: argparse.Namespace):
+        """The training file: CSV, or (``.p``, ``.pkl``, ``.pickle``) a task-dict pickle with ``--allow-pickle``."""
+        return read_person_frame(path, args)
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +305,19 @@ def add_person_data_arguments(parser, model_name: str) -> None:
                       help="missing features: training mean plus indicator (fill, default) or an error")
     data.add_argument("--categorical", nargs="+", default=[], metavar="COL", help="features to dummy-code")
     data.add_argument("--positive", metavar="LABEL", help="the level coded 1 of a two-level text label")
+    data.add_argument("--allow-pickle", action="store_true",
+                      help="read a .p/.pkl/.pickle task-dict list of the original project (runs code from the file: "
+                           "only for files you trust); its columns are task, features and Y")
+
+
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
+
+
+def read_person_frame(path, args: argparse.Namespace):
+    """A CSV, or a task-dict pickle (:func:`~mtl_jax.data.personal.read_task_dict_pickle`) with ``--allow-pickle``."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        return read_task_dict_pickle(path, allow_pickle=args.allow_pickle)
+    return pd.read_csv(path)
 
 
 def person_data_from_frame(frame, args=None, *, labels: dict | None = None, schema=None,
@@ -329,4 +349,5 @@ def person_data_from_frame(frame, args=None, *, labels: dict | None = None, sche
                                      positive=args.positive)
 
 
-__all__ = ["MTLNet", "PooledNet", "add_person_data_arguments", "default_hidden", "person_data_from_frame"]
+__all__ = ["MTLNet", "PooledNet", "add_person_data_arguments", "default_hidden", "person_data_from_frame",
+           "read_person_frame"]
