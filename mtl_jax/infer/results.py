@@ -166,6 +166,24 @@ class Fit:
         """Predictive means for new rows, in their input order; unseen tasks get the population-level answer."""
         return self._per_input_row(self.model.predict, data, require_response=False)
 
+    def predict_draws(self, data) -> np.ndarray:
+        """Predictive means under every posterior draw, ``[draws, rows, ...]`` (SVI and NUTS fits).
+
+        Their spread is the posterior uncertainty of :meth:`predict` (e.g. intervals of a
+        predicted probability); draws of all chains are stacked.
+
+        Raises:
+            ValueError: for a point fit (EM, MAP), which has no draws.
+        """
+        if self.draws is None:
+            raise ValueError(f"a {self.method!r} fit has no posterior draws; fit with method='svi' or 'nuts'")
+        encoded = self._new_data(data, require_response=False)
+        design = self.model.design(encoded)
+        draws = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf).reshape((-1,) + leaf.shape[2:]), self.draws)
+        values = np.asarray(jax.lax.map(lambda params: self.model.predict(params, design), draws))
+        rows = getattr(encoded, "source_row", None)
+        return values if rows is None else values[:, np.asarray(rows)]
+
     def score(self, data) -> np.ndarray:
         """Natural-log predictive density of each input row ``[n]`` (unseen tasks: population)."""
         return self._per_input_row(self.model.log_predictive, data, require_response=True)
