@@ -57,6 +57,20 @@ def _run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
     return run_glmm_recovery(config, progress=progress)
 
 
+def _run_personal_study(config: dict, *, progress: bool = True) -> dict:
+    """Personalised MTL on landmine, computer survey, SARCOS or EMA data; imported on first use."""
+    from mtl_jax.experiments.personal import run_personal_study
+
+    return run_personal_study(config, progress=progress)
+
+
+def _plot_personal_study(results: dict, path: Path) -> Path:
+    """The landmine curve (AUC against training size), or the test metric per model."""
+    from mtl_jax.experiments.personal import plot_results
+
+    return plot_results(results, path)
+
+
 def _plot_cortisol_study(results: dict, path: Path) -> Path:
     """Figure 2 of the cortisol study (trajectories by assigned cluster, fitted cluster means)."""
     from mtl_jax.experiments.cortisol import plot_results
@@ -78,11 +92,13 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "bic_selection": _run_bic_selection,
     "cortisol_study": _run_cortisol_study,
     "glmm_recovery": _run_glmm_recovery,
+    "personal_study": _run_personal_study,
 }
 
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
     "sequence_study": _plot_sequence_study,
     "cortisol_study": _plot_cortisol_study,
+    "personal_study": _plot_personal_study,
 }
 """Figure of each experiment that has one, by experiment name."""
 
