@@ -213,6 +213,13 @@ def test_cli_fit_predict_score(tmp_path):
     assert done.returncode == 0, done.stderr
     expected = Fit.load(out).predict(frame)[:, 0]
     np.testing.assert_allclose(pd.read_csv(pred)["pred_stress_Label"], expected, rtol=1e-6)
+    scored = tmp_path / "scored.csv"
+    done = subprocess.run([*run, "score", str(out), str(csv), "--out", str(scored)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loglik = pd.read_csv(scored)["loglik"].to_numpy()
+    np.testing.assert_allclose(loglik, Fit.load(out).score(frame), rtol=1e-5)  # float32 CLI, float64 here
+    missing = frame["stress_Label"].isna().to_numpy()
+    assert np.all(loglik[missing] == 0.0) and np.all(loglik[~missing] < 0.0)  # a missing label scores nothing
 
 
 def test_cli_reads_task_dict_pickles_only_with_allow_pickle(tmp_path):
