@@ -306,6 +306,9 @@ def svi(design):
 def test_nuts_chains_start_apart(design, em, nuts):
     reference, starts = chain_starts(MODEL, design, jax.random.key(5), num_chains=2, init_jitter=0.1)
     bare_reference, bare = chain_starts(MODEL, design, jax.random.key(5), num_chains=2, init_jitter=0.0)
+    # exactly the program's latent sites (site_values also holds the centred form's, which would drift in NUTS)
+    _, trace = log_density(MODEL.numpyro_model, (design,), {}, MODEL.site_values(reference))
+    assert set(starts) == {name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}
     for name in starts:
         assert starts[name].shape[0] == 2
         assert not np.allclose(starts[name][0], starts[name][1]), name

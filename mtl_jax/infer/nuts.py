@@ -14,11 +14,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro import handlers
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import unconstrain_fn
 
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
+
+
+def sampled_sites(program, design, values) -> list[str]:
+    """The latent sample sites of ``program`` (run once at ``values``): the only keys NUTS may be started with.
+
+    ``site_values`` also holds the other parameterisation's sites; a key that is not a site
+    of the program would join the sampler's state with a flat potential and drift without
+    bound, spoiling step-size adaptation and the U-turn test.
+    """
+    trace = handlers.trace(handlers.substitute(handlers.seed(program, 0), data=values)).get_trace(design)
+    return sorted(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"])
 
 
 def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.1, init_params=None,
@@ -51,7 +63,9 @@ def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.
     else:
         reference, starts = starting_points(model, design, key_start, init_params, num=num_chains)
     program = program_for(model, parameterisation)
-    unconstrained = [unconstrain_fn(program, (design,), {}, model.site_values(start)) for start in starts]
+    values = [model.site_values(start) for start in starts]
+    sites = sampled_sites(program, design, values[0])
+    unconstrained = [unconstrain_fn(program, (design,), {}, {name: v[name] for name in sites}) for v in values]
     stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *unconstrained)
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
     noise_keys = jax.random.split(key_jitter, len(leaves))
