@@ -46,6 +46,7 @@ A failed fit writes nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _model_name(argv: list[str]) -> str:
     """The ``--model`` of a ``fit`` command line (its options depend on it)."""
-    pre = argparse.ArgumentParser(prog=PROG, add_help=False)
+    pre = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
     pre.add_argument("--model", default=DEFAULT_MODEL)
     known, _ = pre.parse_known_args(argv)
     return known.model
@@ -105,9 +106,13 @@ def _model_name(argv: list[str]) -> str:
 
 def _parser(model_name: str) -> argparse.ArgumentParser:
     """Builds the argument parser; ``fit`` carries the options of model ``model_name``."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Probabilistic multitask learning on JAX.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Probabilistic multitask learning on JAX.",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"{PROG} {mtl_jax.__version__}")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    # No abbreviations: a prefix of one option (--task, --out) must never be read as another
+    # (--task-weighting, --out-dir).
+    commands = parser.add_subparsers(required=True, metavar="COMMAND",
+                                     parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     run = commands.add_parser(
         "run", help="run a paper experiment from a YAML config",
