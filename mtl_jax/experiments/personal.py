@@ -4,8 +4,9 @@ Every study builds a per-person frame with a ``split`` column (``train`` / ``tes
 stopping holds out part of the training rows by itself), fits each model of the config
 through :func:`mtl_jax.fit` (``method="map"``) and scores the test rows with
 :func:`mtl_jax.metrics.task_metrics` (pooled over rows and averaged over tasks). Models are
-given by registered name and options, e.g. ``{"mtl-net": {"hidden": [16]}, "logistic":
-{}}``.
+given by a label and options, the label being the registered name unless a ``model`` key
+names it, e.g. ``{"mtl-net": {"hidden": [16]}, "per-person linear": {"model": "stl-net",
+"hidden": []}}``.
 
 * **landmine** (29 tasks, binary): the test AUC against the number of training rows per
   task (``sizes``, drawn at random per task, stratified so both classes are present), over
@@ -113,7 +114,9 @@ def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind:
     labels = data.schema.labels
     results = {}
     for name, options in models.items():
-        model = model_class(name)(**{key: tuple(v) if isinstance(v, list) else v for key, v in options.items()})
+        options = dict(options or {})
+        registered = options.pop("model", name)
+        model = model_class(registered)(**{key: tuple(v) if isinstance(v, list) else v for key, v in options.items()})
         start = time.perf_counter()
         training = {"max_steps": max_steps} if not hasattr(model, "solve") else {}
         fitted = fit(model, data, method="map", seed=seed, **training)
