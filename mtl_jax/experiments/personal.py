@@ -230,8 +230,9 @@ def plot_results(results: dict, path):
         entry = next(iter(results["runs"].values()))
         metric = "auc" if "auc" in next(iter(entry.values()))["task_mean"] else "rmse"
         names = list(entry)
-        ax.bar(names, [entry[name]["task_mean"][metric] for name in names])
-        ax.set_ylabel(f"test {metric.upper()} (mean over tasks)")
+        ax.barh(names, [entry[name]["task_mean"][metric] for name in names])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"test {metric.upper()} (mean over tasks)")
         ax.set_title(results["config"]["study"].replace("_", " "))
         fig.tight_layout()
         fig.savefig(path, dpi=120)
