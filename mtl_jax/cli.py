@@ -268,7 +268,7 @@ def _backend_options(args: argparse.Namespace) -> dict:
             stray.append(f"{flag} (an option of {method!r})")
     if stray:
         raise ValueError(f"method {args.method!r} does not take {', '.join(stray)}")
-    if args.method in ("svi", "nuts"):
+    if args.method in ("svi", "nuts", "map"):
         options["progress"] = True
     return options
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from mtl_jax.infer.task_weighting import (
     WEIGHTINGS,
@@ -175,7 +176,7 @@ def train(
         validation_fraction: share of each task's training rows held out for early
             stopping when the data carry no validation split (``0``: none).
         init_params: starting parameters (default ``model.init``).
-        progress: print one line per chunk.
+        progress: show a progress bar (steps, objective, best validation loss).
 
     Returns:
         The best parameters; ``trace`` the training objective per step; ``n_iter`` the
@@ -214,18 +215,19 @@ def train(
         return state, values
 
     traces, stopped = [], False
+    bar = tqdm(total=max_steps, disable=not progress, desc="map", unit="step")
     for index in range(-(-max_steps // eval_every)):
         keys = jax.random.split(jax.random.fold_in(key_train, index), eval_every)
         state, values = chunk(state, keys, design, train_weight, validation_weight)
         traces.append(np.asarray(values))
-        if progress:
-            print(f"step {int(state.step)}: objective {float(values[-1]):.5g}, validation "
-                  f"{float(state.best_validation):.5g} (best at step {int(state.best_step)})", flush=True)
+        bar.update(eval_every)
+        bar.set_postfix(objective=f"{float(values[-1]):.4g}", best_validation=f"{float(state.best_validation):.4g}")
         if not np.all(np.isfinite(traces[-1])):
             break
         if has_validation and (int(state.step) - int(state.best_step)) >= patience * eval_every:
             stopped = True
             break
+    bar.close()
     trace = np.concatenate(traces)
     finite = bool(np.all(np.isfinite(trace)))
     best = state.best_params if has_validation else state.params
