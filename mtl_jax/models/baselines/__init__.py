@@ -4,8 +4,9 @@
 logistic regression, least-squares SVM) for one task, written once and ``jax.vmap``-ed
 over tasks gathered into padded blocks (``pad_by_task`` / ``unpad``).
 
-:mod:`mtl_jax.models.baselines.models` puts them on the model protocol for per-person
-data (:class:`~mtl_jax.data.personal.PersonData`), each fitted with ``method="map"``:
+:mod:`.logistic`, :mod:`.lssvm` and :mod:`.stl_net` put them on the model protocol for
+per-person data (:class:`~mtl_jax.data.personal.PersonData`), each fitted with
+``method="map"``; :mod:`.common` holds what they share:
 
 * ``"logistic"`` (:class:`PerTaskLogistic`): one L2- or L1-penalised logistic regression
   per task, ``C`` chosen by within-task cross-validation (per task or globally); an
@@ -19,15 +20,10 @@ data (:class:`~mtl_jax.data.personal.PersonData`), each fitted with ``method="ma
   task predictions.
 """
 
-from mtl_jax.models.baselines.models import (
-    LogisticParams,
-    LSSVMParams,
-    PerTaskLogistic,
-    PerTaskLSSVM,
-    PooledLogistic,
-    STLNet,
-    STLNetParams,
-)
+from mtl_jax.models.baselines.common import LogisticParams, LSSVMParams, STLNetParams
+from mtl_jax.models.baselines.logistic import PerTaskLogistic, PooledLogistic
+from mtl_jax.models.baselines.lssvm import PerTaskLSSVM
+from mtl_jax.models.baselines.stl_net import STLNet
 
 __all__ = ["LSSVMParams", "LogisticParams", "PerTaskLSSVM", "PerTaskLogistic", "PooledLogistic", "STLNet",
            "STLNetParams"]
