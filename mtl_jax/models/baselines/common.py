@@ -40,7 +40,7 @@ from jaxtyping import Array, Float
 
 from mtl_jax.data.personal import PersonData
 from mtl_jax.data.tabular import DataError
-from mtl_jax.models.mtl_net.model import add_person_data_arguments, person_data_from_frame
+from mtl_jax.models.person_model import PersonModel
 
 DEFAULT_C = (0.01, 0.1, 1.0, 10.0, 100.0)
 """The default grid of ``C`` of the logistic baselines."""
@@ -186,7 +186,7 @@ def jitted(model, method: str, params, arguments):
     return getattr(model, method)(params, arguments)
 
 
-class PersonBaseline:
+class PersonBaseline(PersonModel):
     """What the baselines share: per-person data, row answers, scores and data options.
 
     A subclass gives ``_row_answers(params, rows) -> (mean [n], loglik [n], ...)`` (``rows``
@@ -202,16 +202,6 @@ class PersonBaseline:
         return jitted(self, "_row_answers", params, row_arrays(design))
 
     # ------------------------------------------------------------------ data
-    def design(self, data) -> PersonData:
-        """The :class:`~mtl_jax.data.personal.PersonData` itself.
-
-        Raises:
-            ValueError: for other data.
-        """
-        if not isinstance(data, PersonData):
-            raise ValueError(f"{self.name} needs PersonData (mtl_jax.data.personal), got {type(data).__name__}")
-        return data
-
     def labels(self, data: PersonData) -> dict[str, Any]:
         """Task names, feature columns, label (response) names, which tasks are binary."""
         return person_labels(data)
@@ -237,16 +227,5 @@ class PersonBaseline:
         loglik = self._answers(params, design)[1]
         values = jnp.where(design.weight > 0, design.weight * loglik, 0.0)
         return values.reshape(-1, design.num_labels).sum(axis=1)
-
-    # ------------------------------------------------------------------- CLI
-    @classmethod
-    def add_data_arguments(cls, parser) -> None:
-        """Data options: person/task column, labels, features, tasks from users or labels, normalisation."""
-        add_person_data_arguments(parser, cls.name)
-
-    def data_from_frame(self, frame, args=None, *, labels: dict | None = None, schema=None,
-                        require_response: bool = False) -> PersonData:
-        """Training data from ``args``, or new data encoded with a fit's ``schema`` and task names."""
-        return person_data_from_frame(frame, args, labels=labels, schema=schema, require_response=require_response)
 
 

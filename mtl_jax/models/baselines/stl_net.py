@@ -24,7 +24,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from mtl_jax.data.personal import PersonData
 from mtl_jax.linalg import segment_sum
 from mtl_jax.models.mtl_net import network
-from mtl_jax.models.mtl_net.model import MTLNet, default_hidden
+from mtl_jax.models.mtl_net.model import MTLNet
+from mtl_jax.models.person_model import add_net_arguments, default_hidden
 from mtl_jax.models.protocol import register
 from mtl_jax.models.baselines.common import (
     binary_rows,
@@ -90,7 +91,7 @@ class STLNet(PersonBaseline):
 
     Attributes:
         hidden: widths of each net's hidden layers; ``None`` sizes them like ``"mtl-net"``
-            (:func:`~mtl_jax.models.mtl_net.model.default_hidden`); ``()``: per-task linear models.
+            (:func:`~mtl_jax.models.person_model.default_hidden`); ``()``: per-task linear models.
         activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
         dropout: dropout rate on the hidden layers during training.
         l2: :math:`\\lambda` on every weight matrix (biases unpenalised).
@@ -231,11 +232,7 @@ class STLNet(PersonBaseline):
     def add_arguments(cls, parser) -> None:
         """Options of ``mtl-jax fit --model stl-net``."""
         group = parser.add_argument_group(f"{cls.name} options")
-        group.add_argument("--hidden", type=int, nargs="*", metavar="H", default=None,
-                           help="hidden widths of each task's net (default: one layer of 2 x features, in [8, 64]; "
-                                "give none for per-task linear models)")
-        group.add_argument("--activation", default="relu", choices=sorted(network.ACTIVATIONS))
-        group.add_argument("--dropout", type=float, default=0.0, help="dropout rate in MAP training (default 0)")
+        add_net_arguments(group, "hidden widths of each task's net", "per-task linear models")
         group.add_argument("--l2", type=float, default=1e-3, help="L2 on every weight matrix (default 1e-3)")
 
     @classmethod
