@@ -22,6 +22,23 @@ def default_hidden(num_inputs: int) -> tuple[int, ...]:
     return (int(min(64, max(8, 2 * num_inputs))),)
 
 
+def net_widths(hidden: tuple[int, ...] | None, num_inputs: int) -> tuple[int, ...]:
+    """The hidden widths of a net: ``hidden``, or :func:`default_hidden` when it is ``None``."""
+    return default_hidden(num_inputs) if hidden is None else tuple(int(w) for w in hidden)
+
+
+def check_net_settings(hidden, activation: str, dropout: float) -> None:
+    """Raises ``ValueError`` for an unknown activation, a dropout outside ``[0, 1)`` or a width below 1."""
+    from mtl_jax.models.mtl_net.network import ACTIVATIONS
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+    if hidden is not None and any(int(width) < 1 for width in hidden):
+        raise ValueError(f"hidden widths must be positive, got {hidden}")
+
+
 class PersonModel:
     """The data side of the model protocol for per-person models (a mixin of their dataclasses)."""
 

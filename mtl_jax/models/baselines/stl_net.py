@@ -25,7 +25,7 @@ from mtl_jax.data.personal import PersonData
 from mtl_jax.linalg import segment_sum
 from mtl_jax.models.mtl_net import network
 from mtl_jax.models.mtl_net.model import MTLNet
-from mtl_jax.models.person_model import add_net_arguments, default_hidden
+from mtl_jax.models.person_model import add_net_arguments, check_net_settings, net_widths
 from mtl_jax.models.protocol import register
 from mtl_jax.models.baselines.common import (
     binary_rows,
@@ -113,18 +113,13 @@ class STLNet(PersonBaseline):
     methods: ClassVar[frozenset] = frozenset({"map"})
 
     def __post_init__(self):
-        if self.activation not in network.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(network.ACTIVATIONS)}, not {self.activation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.hidden is not None and any(int(width) < 1 for width in self.hidden):
-            raise ValueError(f"hidden widths must be positive, got {self.hidden}")
+        check_net_settings(self.hidden, self.activation, self.dropout)
         if self.l2 < 0:
             raise ValueError(f"l2 must be >= 0, not {self.l2}")
 
     def widths(self, num_inputs: int) -> tuple[int, ...]:
         """The hidden layers' widths for ``num_inputs`` features."""
-        return default_hidden(num_inputs) if self.hidden is None else tuple(int(w) for w in self.hidden)
+        return net_widths(self.hidden, num_inputs)
 
     def labels(self, data: PersonData) -> dict[str, Any]:
         """As the others, plus the hidden widths."""

@@ -35,7 +35,7 @@ from mtl_jax.data.personal import PersonData
 from mtl_jax.linalg import segment_sum
 from mtl_jax.models.mtl_net import network, program
 from mtl_jax.models.mtl_net.network import NetParams
-from mtl_jax.models.person_model import PersonModel, add_net_arguments, default_hidden
+from mtl_jax.models.person_model import PersonModel, add_net_arguments, check_net_settings, net_widths
 from mtl_jax.models.protocol import register
 
 
@@ -46,7 +46,7 @@ class MTLNet(PersonModel):
 
     Attributes:
         hidden: widths of the shared layers; ``None`` sizes them to the data
-            (:func:`default_hidden`); ``()`` has no shared layer (linear heads).
+            (:func:`~mtl_jax.models.person_model.default_hidden`); ``()`` has no shared layer (linear heads).
         activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
         dropout: dropout rate on the hidden layers during MAP training.
         l2_shared: :math:`\\lambda_s` on the trunk and the population head.
@@ -68,19 +68,14 @@ class MTLNet(PersonModel):
     methods: ClassVar[frozenset] = frozenset({"map", "svi", "nuts"})
 
     def __post_init__(self):
-        if self.activation not in network.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(network.ACTIVATIONS)}, not {self.activation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.hidden is not None and any(int(width) < 1 for width in self.hidden):
-            raise ValueError(f"hidden widths must be positive, got {self.hidden}")
+        check_net_settings(self.hidden, self.activation, self.dropout)
         if min(self.l2_shared, self.l2_task) < 0 or self.prior_scale <= 0:
             raise ValueError("l2_shared and l2_task must be >= 0 and prior_scale > 0")
 
     # ------------------------------------------------------------------ data
     def widths(self, num_inputs: int) -> tuple[int, ...]:
         """The shared layers' widths for ``num_inputs`` features."""
-        return default_hidden(num_inputs) if self.hidden is None else tuple(int(w) for w in self.hidden)
+        return net_widths(self.hidden, num_inputs)
 
     def labels(self, data: PersonData) -> dict[str, Any]:
         """Task names, feature columns, label (response) names, hidden widths, which tasks are binary."""
