@@ -84,22 +84,23 @@ def features(params: NetParams, X: Float[Array, "n q"], activation: str = "relu"
     return h
 
 
-def row_heads(params: NetParams, task: Int[Array, " n"]):
-    """Each row's head ``(w [n, H], b [n], log_sd [n])``: population plus its task's deviation (unseen: population)."""
-    seen = task < params.num_tasks
-    index = jnp.where(seen, task, 0)
-    w = params.population_weight + jnp.where(seen[:, None], params.head_weight[index], 0.0)
-    b = params.population_bias + jnp.where(seen, params.head_bias[index], 0.0)
-    log_sd = jnp.where(seen, params.log_noise_sd[index], params.population_log_noise_sd)
-    return w, b, log_sd
+def row_deviations(params: NetParams, task: Int[Array, " n"]):
+    """Each row's task deviation ``(delta [n, H], epsilon [n])`` and noise ``log_sd [n]``, gathered from
+    tables with an extra row ``K`` (zero deviation, population noise) that unseen tasks point to."""
+    index = jnp.minimum(task, params.num_tasks)
+    delta = jnp.pad(params.head_weight, ((0, 1), (0, 0)))[index]
+    epsilon = jnp.pad(params.head_bias, (0, 1))[index]
+    log_sd = jnp.append(params.log_noise_sd, params.population_log_noise_sd)[index]
+    return delta, epsilon, log_sd
 
 
 def linear_predictor(params: NetParams, X: Float[Array, "n q"], task: Int[Array, " n"], activation: str = "relu",
                      dropout: float = 0.0, key: PRNGKeyArray | None = None):
-    r"""``(eta [n], log_sd [n])``: :math:`\eta_j = h(x_j)^T w_{k_j} + b_{k_j}` by one batched einsum."""
+    r"""``(eta [n], log_sd [n])``: :math:`\eta_j = h(x_j)^T (u + \delta_{k_j}) + c + \epsilon_{k_j}`, the
+    population part one matrix-vector product and the deviations one batched einsum."""
     h = features(params, X, activation, dropout, key)
-    w, b, log_sd = row_heads(params, task)
-    return jnp.einsum("nh,nh->n", h, w) + b, log_sd
+    delta, epsilon, log_sd = row_deviations(params, task)
+    return h @ params.population_weight + jnp.einsum("nh,nh->n", h, delta) + params.population_bias + epsilon, log_sd
 
 
 def row_log_likelihood(eta: Float[Array, " n"], log_sd: Float[Array, " n"], y: Float[Array, " n"],
