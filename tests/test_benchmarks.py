@@ -90,7 +90,7 @@ def test_float32_grid_script(tmp_path):
     assert results["summary"]["cells"] == 1 and "loglik/obs" in results["table"]
 
 
-@pytest.mark.parametrize("name", ["table2", "speed", "scaling", "float32_grid", "glmm_peers"])
+@pytest.mark.parametrize("name", ["table2", "speed", "scaling", "float32_grid", "glmm_peers", "mtl_net_step"])
 def test_scripts_reject_bad_flags(name):
     with pytest.raises(SystemExit):
         load(name).main(["--no-such-flag"])
@@ -183,3 +183,54 @@ def test_glmm_peers_matching_and_relative_differences():
     assert differences["w[1, intercept]"] == pytest.approx(0.1)
     assert differences["phi[2, intercept, x]"] == pytest.approx(0.1 / 2.0)  # scaled by sqrt(4 * 1)
     assert "pi[1]" not in differences
+
+
+def test_mtl_net_step_script(tmp_path):
+    """Tiny sizes: our step is timed; with torch installed, one step from the same weights agrees."""
+    path = tmp_path / "mtl_net_step.json"
+    results = load("mtl_net_step").main(["--rows", "120", "--tasks", "6", "--features", "4", "--hidden", "8", "4",
+                                         "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(path)])
+    written = json.loads(path.read_text())
+    assert written["table"] == results["table"] and written["dtype"] == "float32"
+    assert set(written) >= {"config", "environment", "cases", "goal_torch_over_ours"}
+    (case,) = written["cases"]
+    assert case["data"] == {"rows": 120, "features": 4, "tasks": 6, "hidden": [8, 4], "binary_tasks": 3}
+    ours = case["devices"]["cpu"]["ours"]
+    assert ours["seconds_per_step"] > 0 and ours["compile_seconds"] > 0
+    assert ours["scan"]["steps_per_call"] == 10 and ours["scan"]["seconds_per_step"] > 0
+    peer = case["devices"]["cpu"]["torch"]
+    try:
+        import torch  # noqa: F401  (in the [bench] extra)
+    except ImportError:
+        assert "torch is not installed" in peer["skipped"] and "check" not in case["devices"]["cpu"]
+        return
+    check = case["devices"]["cpu"]["check"]
+    # Same net, same start, same batch: the same loss before and after one Adam step, the same new weights.
+    assert check["loss_agrees"] and check["loss_relative_difference"] < 1e-4, check
+    assert check["loss_after_relative_difference"] < 1e-4, check
+    assert check["params_agree"] and check["max_abs_param_difference"] < 1e-5, check
+    assert set(check["param_abs_difference"]) >= {"trunk[0].weight", "trunk[1].bias", "head_weight", "log_noise_sd"}
+    assert peer["seconds_per_step"] > 0 and peer["over_ours_time"] > 0 and peer["over_ours_scan_time"] > 0
+    assert {run["threads"] for run in peer["by_threads"]} == set(written["environment"]["torch_threads"])
+    assert "torch/ours" in written["table"] and "ok (loss rel" in written["table"]
+
+
+def test_mtl_net_step_script_without_torch(monkeypatch, tmp_path):
+    """Without torch the peer is skipped with a message and our step is still timed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    results = load("mtl_net_step").main(["--rows", "40", "--tasks", "3", "--features", "2", "--hidden", "4",
+                                         "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                         "--out", str(tmp_path / "out.json")])
+    (case,) = results["cases"]
+    assert "torch is not installed" in case["devices"]["cpu"]["torch"]["skipped"]
+    assert case["devices"]["cpu"]["ours"]["seconds_per_step"] > 0
+    assert "torch skipped" in results["table"] and results["environment"]["torch"] is None
