@@ -64,6 +64,13 @@ def _run_personal_study(config: dict, *, progress: bool = True) -> dict:
     return run_personal_study(config, progress=progress)
 
 
+def _run_cv_grid(config: dict, *, progress: bool = True) -> dict:
+    """K-fold CV within tasks over a hyperparameter grid, selection, refit and test; imported on first use."""
+    from mtl_jax.experiments.cv_grid import run_cv_grid
+
+    return run_cv_grid(config, progress=progress)
+
+
 def _plot_personal_study(results: dict, path: Path) -> Path:
     """The landmine curve (AUC against training size), or the test metric per model."""
     from mtl_jax.experiments.personal import plot_results
@@ -93,6 +100,7 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "cortisol_study": _run_cortisol_study,
     "glmm_recovery": _run_glmm_recovery,
     "personal_study": _run_personal_study,
+    "cv_grid": _run_cv_grid,
 }
 
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
