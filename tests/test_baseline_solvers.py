@@ -175,15 +175,6 @@ def test_logistic_l2_matches_scipy(C):
     assert_theta_close(fit, b, beta, rtol=1e-6)
 
 
-def test_logistic_l2_matches_sklearn():
-    sklearn_linear = pytest.importorskip("sklearn.linear_model")
-    X, y = logistic_data(23, seed=4)
-    w = np.ones(23)
-    model = sklearn_linear.LogisticRegression(C=2.0, tol=1e-12, max_iter=10_000).fit(X, y)
-    fit = fit64(logistic_l2, X, y, w, 2.0)
-    assert_theta_close(fit, model.intercept_[0], model.coef_[0], rtol=1e-6)
-
-
 @pytest.mark.parametrize("solver", [logistic_l2, logistic_l1])
 def test_logistic_zero_weight_rows_change_nothing(solver):
     X, y = logistic_data(23, seed=5)
