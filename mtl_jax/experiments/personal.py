@@ -248,6 +248,8 @@ def plot_results(results: dict, path):
             errors.append(values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0)
         ax.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training rows per task")
     ax.set_ylabel("test AUC (mean over 29 tasks)")
     ax.set_title("landmine")
