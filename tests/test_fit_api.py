@@ -69,7 +69,7 @@ def test_bic_is_minus_two_loglik_plus_k_log_n(fitted):
         (("y", 300, np.inf), {},
          r"response column 'y' has a non-finite value \(inf\) at row 300 \(task 't3'\)"),
         (None, {"covariates": ["x1", "age"]}, r"unknown column 'age'"),
-        (None, {"response": "grade"}, r"response column 'grade' is not numeric"),
+        (None, {"response": "grade"}, r"response 'grade' is not numeric"),
         (None, {"covariates": ["x1", "one"]}, r"covariate 'one' is constant"),
         (None, {"covariates": ["x1", "x2", "x1_plus_x2"]}, r"'x1_plus_x2' are linear combinations"),
         (None, {"task_names": ["t0", "t1", "t2", "t3", "t4"]},
