@@ -238,3 +238,20 @@ def test_cli_reads_task_dict_pickles_only_with_allow_pickle(tmp_path):
     accepted = subprocess.run([*run, "--allow-pickle"], capture_output=True, text=True)
     assert accepted.returncode == 0, accepted.stderr
     assert json.loads(out.read_text())["labels"]["task_names"] == ["u0", "u1", "u2"]
+
+
+def test_dropout_only_in_training_and_the_best_validation_point_is_kept(data):
+    model = MTLNet(hidden=(16,), dropout=0.5)
+    params = model.init(jax.random.key(0), data)
+    ones = jnp.ones_like(data.y)
+    with_dropout = [model.task_losses(params, data, ones, jax.random.key(s)) for s in (1, 2)]
+    assert not np.allclose(with_dropout[0], with_dropout[1])  # a fresh mask per key
+    np.testing.assert_array_equal(model.task_losses(params, data, ones), model.task_losses(params, data, ones))
+    # the returned point is the best one seen on the validation rows, not the last
+    from mtl_jax.infer.optimize import train
+
+    result = train(model, data, jax.random.key(3), max_steps=400, eval_every=20, patience=50)
+    _, validation = model.split_rows(data, jax.random.split(jax.random.key(3), 3)[1], 0.2)
+    best = float(jnp.sum(model.task_losses(result.params, data, validation)))
+    np.testing.assert_allclose(best, result.diagnostics["best_validation_loss"], rtol=1e-10)
+    assert result.diagnostics["best_step"] < result.n_iter  # it overfits later: the kept point is not the last
