@@ -57,3 +57,11 @@ def test_tiny_run_of_each_study(study, tmp_path):
     assert np.isfinite(entry["task_mean"][metric]) and "mtl-net" in results["table"]
     expected_tasks = {"landmine": 29, "computer_survey": 190, "sarcos": 7, "ema": 20}[study]
     assert len(entry["per_task"]) == expected_tasks
+
+
+def test_a_model_entry_may_name_its_method_and_backend_options():
+    config = {"experiment": "personal_study", "study": "ema",
+              "models": {"net, SVI": {"model": "mtl-net", "hidden": [2], "method": "svi",
+                                      "backend": {"num_steps": 30, "num_samples": 5}}}}
+    entry = run_experiment(config, progress=False)["runs"]["time"]["net, SVI"]
+    assert np.isfinite(entry["task_mean"]["auc"]) and entry["method"] == "svi"

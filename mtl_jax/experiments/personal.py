@@ -6,7 +6,9 @@ through :func:`mtl_jax.fit` (``method="map"``) and scores the test rows with
 :func:`mtl_jax.metrics.task_metrics` (pooled over rows and averaged over tasks). Models are
 given by a label and options, the label being the registered name unless a ``model`` key
 names it, e.g. ``{"mtl-net": {"hidden": [16]}, "per-person linear": {"model": "stl-net",
-"hidden": []}}``.
+"hidden": []}}``; ``method`` (default ``"map"``) and ``backend`` (the backend's options)
+fit it otherwise, e.g. ``{"mtl-net, SVI": {"model": "mtl-net", "method": "svi", "backend":
+{"num_steps": 3000}}}`` (predictions are then the posterior-mean plug-in of :meth:`Fit.predict`).
 
 * **landmine** (29 tasks, binary): the test AUC against the number of training rows per
   task (``sizes``, drawn at random per task, stratified so both classes are present), over
@@ -116,10 +118,12 @@ def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind:
     for name, options in models.items():
         options = dict(options or {})
         registered = options.pop("model", name)
+        method = options.pop("method", "map")
+        backend = options.pop("backend", {})
         model = model_class(registered)(**{key: tuple(v) if isinstance(v, list) else v for key, v in options.items()})
         start = time.perf_counter()
-        training = {"max_steps": max_steps} if not hasattr(model, "solve") else {}
-        fitted = fit(model, data, method="map", seed=seed, **training)
+        training = {"max_steps": max_steps} if method == "map" and not hasattr(model, "solve") else {}
+        fitted = fit(model, data, method=method, seed=seed, **{**training, **backend})
         prediction = fitted.predict(test)
         if data.schema.tasks == "labels":  # long: one row per (sample, label)
             y = test[list(labels)].to_numpy().reshape(-1)
@@ -130,7 +134,8 @@ def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind:
                                  kind=kind)
         results[name] = {"pooled": table.loc["pooled"].to_dict(), "task_mean": table.loc["task_mean"].to_dict(),
                          "per_task": table.drop(index=["pooled", "task_mean"]).to_dict(orient="index"),
-                         "converged": bool(fitted.converged), "seconds": time.perf_counter() - start}
+                         "converged": bool(fitted.converged), "method": method,
+                         "seconds": time.perf_counter() - start}
     return results
 
 
