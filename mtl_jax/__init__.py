@@ -10,6 +10,7 @@ Public API::
     selection.table; selection.best
     people = PersonData.from_csv("ema.csv", person="user_id", labels="mood_Label")   # users as tasks
     net = fit(MTLNet(hidden=(32,)), people, method="map")                           # or "svi", "nuts"
+    baseline = fit(PerTaskLogistic(penalty="l1"), people, method="map")             # also PooledLogistic, PerTaskLSSVM, STLNet
 """
 
 from mtl_jax.data import DataError, PersonData, TaskData, data_dir, train_test_split_by_task
@@ -19,6 +20,7 @@ from mtl_jax.infer.selection import Selection, select_components
 from mtl_jax.models import MODELS, model_class
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
+from mtl_jax.models.baselines import PerTaskLogistic, PerTaskLSSVM, PooledLogistic, STLNet
 from mtl_jax.models.mtl_net import MTLNet, PooledNet
 from mtl_jax.models.sequence_lda import SequenceLDA, SequenceLDAParams, SequencePerTask, SequencePooled
 
@@ -32,8 +34,12 @@ __all__ = [
     "MixtureParams",
     "MixturePriors",
     "MTLNet",
+    "PerTaskLSSVM",
+    "PerTaskLogistic",
     "PersonData",
+    "PooledLogistic",
     "PooledNet",
+    "STLNet",
     "Selection",
     "SequenceData",
     "SequenceLDA",
