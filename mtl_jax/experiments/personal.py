@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -166,6 +167,7 @@ def run_personal_study(config: dict, *, progress: bool = True) -> dict:
                 runs[f"{size}/{repeat}"] = evaluate_models(models, split, dict(person="task", labels="label",
                                                            features=[f"x{j}" for j in range(1, 10)], split="split"),
                                                            "binary", steps, seed + repeat)
+                jax.clear_caches()  # each split compiles afresh; a long study would exhaust the memory maps
                 if progress:
                     print(f"landmine size {size} repeat {repeat}: " + ", ".join(
                         f"{name} {entry['task_mean']['auc']:.3f}" for name, entry in runs[f"{size}/{repeat}"].items()),
