@@ -255,3 +255,13 @@ def test_dropout_only_in_training_and_the_best_validation_point_is_kept(data):
     best = float(jnp.sum(model.task_losses(result.params, data, validation)))
     np.testing.assert_allclose(best, result.diagnostics["best_validation_loss"], rtol=1e-10)
     assert result.diagnostics["best_step"] < result.n_iter  # it overfits later: the kept point is not the last
+
+
+def test_a_second_fit_compiles_nothing_new(data):
+    from mtl_jax.infer.optimize import train_chunk
+
+    model = MTLNet(hidden=(3,))
+    fit(model, data, method="map", max_steps=40, eval_every=20, seed=0)
+    compiled = train_chunk._cache_size()
+    fit(model, data, method="map", max_steps=40, eval_every=20, seed=1)
+    assert train_chunk._cache_size() == compiled

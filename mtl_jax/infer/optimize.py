@@ -21,6 +21,7 @@ says whether the training loss has plateaued.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -126,6 +127,41 @@ def make_step(model, optimizer, weight_optimizer, *, weighting: str, sampling: s
     return step
 
 
+class TrainSettings(NamedTuple):
+    """The hashable training settings a compiled chunk depends on (a static argument of :func:`train_chunk`)."""
+
+    learning_rate: float
+    lr_decay: float
+    weighting: str
+    sampling: str
+    gradnorm_alpha: float
+
+
+def optimizers(settings: TrainSettings):
+    """Adam with the decaying step for the parameters, and plain Adam for GradNorm's task weights."""
+    schedule = optax.exponential_decay(settings.learning_rate, transition_steps=1000, decay_rate=settings.lr_decay)
+    return optax.adam(schedule), optax.adam(settings.learning_rate)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings"))
+def train_chunk(state: TrainState, keys, design, train_weight, validation_weight, model, settings: TrainSettings):
+    """``len(keys)`` training steps in one ``lax.scan``, then the validation loss and the best point so far.
+
+    Module-level and jitted on ``(model, settings)`` and the shapes, so repeated fits of one
+    model to data of one shape compile once.
+    """
+    optimizer, weight_optimizer = optimizers(settings)
+    step = make_step(model, optimizer, weight_optimizer, weighting=settings.weighting, sampling=settings.sampling,
+                     alpha=settings.gradnorm_alpha)
+    state, values = jax.lax.scan(lambda s, k: step(s, k, design, train_weight), state, keys)
+    validation = jnp.sum(model.task_losses(state.params, design, validation_weight, None))
+    better = validation < state.best_validation
+    best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old), state.params, state.best_params)
+    state = state._replace(best_params=best, best_validation=jnp.where(better, validation, state.best_validation),
+                           best_step=jnp.where(better, state.step, state.best_step))
+    return state, values
+
+
 def run_map_backend(model, design, key, *, init_params=None, progress: bool = False, **training) -> BackendResult:
     """``method="map"``: the model's own solver where it has one, else :func:`train`.
 
@@ -195,30 +231,19 @@ def train(
     has_validation = bool(jnp.sum(validation_weight) > 0)
     K = model.task_losses(params, design, train_weight, None).shape[0]
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    schedule = optax.exponential_decay(learning_rate, transition_steps=1000, decay_rate=lr_decay)
-    optimizer, weight_optimizer = optax.adam(schedule), optax.adam(learning_rate)
+    settings = TrainSettings(float(learning_rate), float(lr_decay), task_weighting, task_sampling,
+                             float(gradnorm_alpha))
+    optimizer, weight_optimizer = optimizers(settings)
     start_weights = jnp.zeros((K,), dtype) if task_weighting == "uncertainty" else jnp.ones((K,), dtype)
     state = TrainState(params, start_weights, optimizer.init((params, start_weights)),
                        weight_optimizer.init(start_weights), jnp.ones((K,), dtype), jnp.asarray(0),
                        params, jnp.asarray(jnp.inf, dtype), jnp.asarray(0))
-    step = make_step(model, optimizer, weight_optimizer, weighting=task_weighting, sampling=task_sampling,
-                     alpha=gradnorm_alpha)
-
-    @eqx.filter_jit
-    def chunk(state, keys, design, train_weight, validation_weight):
-        state, values = jax.lax.scan(lambda s, k: step(s, k, design, train_weight), state, keys)
-        validation = jnp.sum(model.task_losses(state.params, design, validation_weight, None))
-        better = validation < state.best_validation
-        best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old), state.params, state.best_params)
-        state = state._replace(best_params=best, best_validation=jnp.where(better, validation, state.best_validation),
-                               best_step=jnp.where(better, state.step, state.best_step))
-        return state, values
 
     traces, stopped = [], False
     bar = tqdm(total=max_steps, disable=not progress, desc="map", unit="step")
     for index in range(-(-max_steps // eval_every)):
         keys = jax.random.split(jax.random.fold_in(key_train, index), eval_every)
-        state, values = chunk(state, keys, design, train_weight, validation_weight)
+        state, values = train_chunk(state, keys, design, train_weight, validation_weight, model, settings)
         traces.append(np.asarray(values))
         bar.update(eval_every)
         bar.set_postfix(objective=f"{float(values[-1]):.4g}", best_validation=f"{float(state.best_validation):.4g}")
