@@ -68,6 +68,13 @@ Optional capabilities (checked with ``hasattr``):
     axes) back to parameters. ``centred`` draws task-level location-scale effects
     directly instead of as a transform of standard normals (SVI's mean-field guides
     fit that form, NUTS the other); a model without such effects ignores it.
+``task_losses(params, design, row_weight, key) -> [K]``, ``penalty(params)``, ``shared_mask(params)``, ``split_rows(design, key, fraction)``
+    Gives ``"map"`` by optax training (:mod:`mtl_jax.infer.optimize`): per-task mean
+    negative log-likelihoods of the rows weighted by ``row_weight`` (dropout when ``key``
+    is given), the L2 / log-prior term, which leaves all tasks share (for GradNorm and
+    PCGrad), and the training / validation row weights for early stopping.
+``solve(design, key) -> (params, converged, n_iter)``
+    Gives ``"map"`` by the model's own (convex) solver instead; it takes no training options.
 ``align(params, reference) -> params``
     Label switching: ``params`` with its exchangeable parts (mixture components)
     permuted to best match ``reference``; a permutation must leave ``score``,
