@@ -250,8 +250,7 @@ def encode(frame: pd.DataFrame, schema: PersonSchema, task_names: Sequence[str])
         binary = np.asarray(schema.binary)
     else:
         names_out = tuple(task_names) + tuple(p for p in dict.fromkeys(people) if p not in set(task_names))
-        index = {name: i for i, name in enumerate(names_out)}
-        task = np.asarray([index[p] for p in people], dtype=np.int32)
+        task = pd.Categorical(people, categories=names_out).codes.astype(np.int32)
         binary = np.full(len(names_out), schema.binary[0])
     return PersonData(
         X=jnp.asarray(X, dtype=jnp.result_type(float)), y=jnp.asarray(y.reshape(-1), dtype=jnp.result_type(float)),
