@@ -296,7 +296,7 @@ class Ours:
 
             self.scanned = compile_and_run(jax.jit(steps), state=self.initial_state, **self.inputs).compiled
         self.objective = jax.jit(lambda p, design, weight: jnp.sum(model.task_losses(p, design, weight))
-                                 + model.penalty(p))
+                                 + model.penalty(p, design, weight))
 
     def step(self, state):
         state, value = self.compiled(state=state, **self.inputs)

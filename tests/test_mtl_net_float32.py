@@ -1,6 +1,7 @@
 """The multitask net in float32 (what GPUs run) against float64, in hard regimes: features far
 from zero on a tiny spread, saturated logits, near-noiseless Gaussian tasks, 1,000 heads."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,12 +40,10 @@ def losses_and_grads(model, frame, dtype, params, log_sd):
     with jax.enable_x64(dtype == "float64"):
         data = PersonData.from_dataframe(frame, person="user")
         params = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, data.X.dtype), params)
-        params = params.__class__(params.trunk, params.head_weight, params.head_bias, params.population_weight,
-                                  params.population_bias, jnp.full_like(params.log_noise_sd, log_sd),
-                                  params.population_log_noise_sd)
+        params = eqx.tree_at(lambda p: p.log_noise_sd, params, jnp.full_like(params.log_noise_sd, log_sd))
 
         def total(p):
-            return jnp.sum(model.task_losses(p, data, jnp.ones_like(data.y))) + model.penalty(p)
+            return jnp.sum(model.task_losses(p, data, jnp.ones_like(data.y))) + model.penalty(p, data, jnp.ones_like(data.y))
 
         value, grads = jax.value_and_grad(total)(params)
         return float(value), [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(grads)], data.X.dtype

@@ -3,9 +3,12 @@ that gives per-task losses.
 
 The model supplies (see :mod:`mtl_jax.models.protocol`): ``task_losses(params, design,
 row_weight, key) -> [K]`` (per-task mean negative log-likelihood of the rows weighted by
-``row_weight``; dropout when ``key`` is not ``None``), ``penalty(params)`` (the L2 /
-log-prior term :math:`\lambda R`), ``shared_mask(params)`` (which leaves all tasks share)
-and ``split_rows(design, key, fraction) -> (train [n], validation [n])`` weights.
+``row_weight``; dropout when ``key`` is not ``None``), ``penalty(params, design,
+row_weight)`` (the L2 / log-prior term :math:`\lambda R`, which may weigh a task's prior
+by its number of training rows), ``shared_mask(params)`` (which leaves all tasks share)
+and ``split_rows(design, key, fraction) -> (train [n], validation [n])`` weights; and
+optionally ``empirical_bayes(params, design, row_weight) -> params``, which re-estimates
+prior scales from the training rows after every chunk of steps.
 
 Each step minimises the combined loss of :mod:`mtl_jax.infer.task_weighting` plus the
 penalty by Adam with an exponentially decaying step (``learning_rate * lr_decay **
@@ -92,7 +95,7 @@ def make_step(model, optimizer, weight_optimizer, *, weighting: str, sampling: s
                 combined = uncertainty_objective(losses, extra)
             else:
                 combined = jnp.sum(coefficients * losses)
-            return combined + model.penalty(p), losses
+            return combined + model.penalty(p, design, train_weight), losses
 
         trainable = (params, state.task_weights)
         mask = model.shared_mask(params)
@@ -154,6 +157,8 @@ def train_chunk(state: TrainState, keys, design, train_weight, validation_weight
     step = make_step(model, optimizer, weight_optimizer, weighting=settings.weighting, sampling=settings.sampling,
                      alpha=settings.gradnorm_alpha)
     state, values = jax.lax.scan(lambda s, k: step(s, k, design, train_weight), state, keys)
+    if hasattr(model, "empirical_bayes"):
+        state = state._replace(params=model.empirical_bayes(state.params, design, train_weight))
     validation = jnp.sum(model.task_losses(state.params, design, validation_weight, None))
     better = validation < state.best_validation
     best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old), state.params, state.best_params)

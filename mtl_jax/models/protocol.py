@@ -68,11 +68,15 @@ Optional capabilities (checked with ``hasattr``):
     axes) back to parameters. ``centred`` draws task-level location-scale effects
     directly instead of as a transform of standard normals (SVI's mean-field guides
     fit that form, NUTS the other); a model without such effects ignores it.
-``task_losses(params, design, row_weight, key) -> [K]``, ``penalty(params)``, ``shared_mask(params)``, ``split_rows(design, key, fraction)``
+``task_losses(params, design, row_weight, key) -> [K]``, ``penalty(params, design, row_weight)``, ``shared_mask(params)``, ``split_rows(design, key, fraction)``
     Gives ``"map"`` by optax training (:mod:`mtl_jax.infer.optimize`): per-task mean
     negative log-likelihoods of the rows weighted by ``row_weight`` (dropout when ``key``
-    is given), the L2 / log-prior term, which leaves all tasks share (for GradNorm and
+    is given), the L2 / log-prior term (given the training rows, so that a task's prior
+    can be weighed against its mean loss), which leaves all tasks share (for GradNorm and
     PCGrad), and the training / validation row weights for early stopping.
+``empirical_bayes(params, design, row_weight) -> params``
+    With ``"map"`` training: re-estimates prior scales (stored in ``params``) from the
+    training rows after each chunk of steps.
 ``solve(design, key) -> (params, converged, n_iter)``
     Gives ``"map"`` by the model's own (convex) solver instead; it takes no training options.
 ``align(params, reference) -> params``

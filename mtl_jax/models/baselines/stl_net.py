@@ -178,8 +178,8 @@ class STLNet(PersonBaseline):
         count = segment_sum(weight, design.task, K)
         return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
-    def penalty(self, params: STLNetParams) -> Float[Array, ""]:
-        """:math:`\\lambda` times the sum of squares of every weight matrix (all tasks)."""
+    def penalty(self, params: STLNetParams, design=None, row_weight=None) -> Float[Array, ""]:
+        """:math:`\\lambda` times the sum of squares of every weight matrix (all tasks); the rows are not needed."""
         weights = [layer.weight for layer in params.layers] + [params.head.weight]
         return self.l2 * sum(jnp.sum(w ** 2) for w in weights)
 

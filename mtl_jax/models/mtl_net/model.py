@@ -12,7 +12,14 @@ deviations. Its training objective (``method="map"``, :mod:`mtl_jax.infer.optimi
 (:math:`\ell` the negative log-likelihood of the task's family, :math:`w_j` 0 for a
 missing label, :math:`m_k = \sum_{j\in k} w_j`), combined over tasks as the chosen task
 weighting says. Penalising the deviations pulls every head towards the population head,
-which is what a person unseen in training gets. The same net is a NumPyro program
+which is what a person unseen in training gets. Those are the fixed-weight penalties
+(``l2_shared``, ``l2_task``). By default (both ``None``) the penalties are the NumPyro
+program's priors instead, so that MAP training finds that model's posterior mode: the
+shared weights' Gaussian priors over :math:`\bar m` (the mean rows per task), and the
+head deviations' hierarchical prior :math:`\sum_k \lVert\zeta_k\rVert^2 / (2\tau^2 m_k)`
+whose scale :math:`\tau` is learned by empirical Bayes between training chunks
+(:mod:`.empirical_bayes`). How strongly weights are held back and how far heads may
+stray from the population head are then set by the data's size, not by fixed weights. The same net is a NumPyro program
 (:mod:`.program`) for ``method="svi"`` and ``"nuts"``: Gaussian priors on the shared
 weights and a hierarchical prior on the head deviations whose scale is learned.
 
@@ -33,10 +40,15 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from mtl_jax.data.personal import PersonData
 from mtl_jax.linalg import segment_sum
-from mtl_jax.models.mtl_net import network, program
+from mtl_jax.models.mtl_net import empirical_bayes, network, program
 from mtl_jax.models.mtl_net.network import NetParams
 from mtl_jax.models.person_model import PersonModel, add_net_arguments, check_net_settings, net_widths
 from mtl_jax.models.protocol import register
+
+
+def mean_rows_per_task(count: Float[Array, " K"]) -> Float[Array, ""]:
+    """:math:`\bar m`, the mean weighted training rows of the tasks that have any (at least 1)."""
+    return jnp.maximum(jnp.sum(count) / jnp.maximum(jnp.sum(count > 0), 1), 1.0)
 
 
 @register
@@ -49,8 +61,12 @@ class MTLNet(PersonModel):
             (:func:`~mtl_jax.models.person_model.default_hidden`); ``()`` has no shared layer (linear heads).
         activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
         dropout: dropout rate on the hidden layers during MAP training.
-        l2_shared: :math:`\\lambda_s` on the trunk and the population head.
-        l2_task: :math:`\\lambda_t` on the per-task head deviations.
+        l2_shared: :math:`\\lambda_s` on the trunk and the population head; ``None`` (the
+            default) puts the NumPyro program's Gaussian priors (scale ``prior_scale``) on
+            all shared weights instead, weighed as one task's worth of rows.
+        l2_task: :math:`\\lambda_t` on the per-task head deviations; ``None`` (the default)
+            puts the NumPyro program's Gaussian prior on them instead, its scale
+            :math:`\\tau` learned by empirical Bayes during training (:mod:`.empirical_bayes`).
         prior_scale: sd of the Gaussian priors of the NumPyro program (weights of a
             layer with fan-in ``f``: ``prior_scale / sqrt(f)``).
         pooled: no per-task heads (``"pooled-net"``).
@@ -59,8 +75,8 @@ class MTLNet(PersonModel):
     hidden: tuple[int, ...] | None = None
     activation: str = "relu"
     dropout: float = 0.0
-    l2_shared: float = 1e-4
-    l2_task: float = 1e-2
+    l2_shared: float | None = None
+    l2_task: float | None = None
     prior_scale: float = 1.0
     pooled: bool = False
 
@@ -69,7 +85,7 @@ class MTLNet(PersonModel):
 
     def __post_init__(self):
         check_net_settings(self.hidden, self.activation, self.dropout)
-        if min(self.l2_shared, self.l2_task) < 0 or self.prior_scale <= 0:
+        if any(value is not None and value < 0 for value in (self.l2_shared, self.l2_task)) or self.prior_scale <= 0:
             raise ValueError("l2_shared and l2_task must be >= 0 and prior_scale > 0")
 
     # ------------------------------------------------------------------ data
@@ -138,11 +154,46 @@ class MTLNet(PersonModel):
         count = segment_sum(weight, design.task, K)
         return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
-    def penalty(self, params: NetParams) -> Float[Array, ""]:
-        """:math:`\\lambda_s(\\lVert\\text{trunk}\\rVert^2 + \\lVert u\\rVert^2) + \\lambda_t\\sum_k\\lVert(\\delta_k,\\epsilon_k)\\rVert^2`."""
-        shared = sum(jnp.sum(layer.weight ** 2) for layer in params.trunk) + jnp.sum(params.population_weight ** 2)
-        task = jnp.sum(params.head_weight ** 2) + jnp.sum(params.head_bias ** 2)
-        return self.l2_shared * shared + self.l2_task * task
+    def penalty(self, params: NetParams, design: PersonData, row_weight) -> Float[Array, ""]:
+        """The regulariser :math:`\\lambda R` of the MAP objective (module docstring).
+
+        Fixed weights: :math:`\\lambda_s(\\lVert\\text{trunk}\\rVert^2 + \\lVert u\\rVert^2)` and
+        :math:`\\lambda_t\\sum_k\\lVert(\\delta_k,\\epsilon_k)\\rVert^2`. With ``l2_shared=None`` the
+        NumPyro program's negative log-priors of the shared weights and noise sds over
+        :math:`\\bar m` (the mean weighted rows per task); with ``l2_task=None`` the head
+        prior's :math:`\\sum_k \\lVert\\zeta_k\\rVert^2 / (2\\tau^2 m_k)` (:math:`m_k` the task's
+        weighted rows, :math:`\\tau` held fixed here; :mod:`.empirical_bayes`). With both
+        ``None`` and equal :math:`m_k = m`, objective times :math:`m` is the program's negative
+        log joint density (less :math:`\\tau`'s prior and constants): MAP is its posterior mode.
+        """
+        count = segment_sum(row_weight * design.weight, design.task, params.num_tasks)
+        if self.l2_shared is None:
+            shared = program.shared_neg_log_prior(self, params) / mean_rows_per_task(count)
+        else:
+            shared = self.l2_shared * (sum(jnp.sum(layer.weight ** 2) for layer in params.trunk)
+                                       + jnp.sum(params.population_weight ** 2))
+        if self.pooled:
+            return shared
+        if self.l2_task is not None:
+            return shared + self.l2_task * (jnp.sum(params.head_weight ** 2) + jnp.sum(params.head_bias ** 2))
+        scale = jax.lax.stop_gradient(jnp.exp(params.head_log_scale))
+        squares = jnp.sum(empirical_bayes.standardised_deviations(params) ** 2, axis=1)
+        return shared + jnp.sum(squares / jnp.maximum(count, 1.0)) / (2.0 * scale ** 2)
+
+    def empirical_bayes(self, params: NetParams, design: PersonData, row_weight) -> NetParams:
+        """With ``l2_task=None``: the head deviations, the population head and their prior scale
+        refitted by :func:`.empirical_bayes.refresh` on the rows weighted by ``row_weight``; else ``params``."""
+        if self.l2_task is not None or self.pooled:
+            return params
+        weight = row_weight * design.weight
+        H = params.population_weight.shape[0]
+        if self.l2_shared is None:  # H |u|^2 / (2 s^2 m) + c^2 / (2 s^2 m) = |v|^2 / (2 s^2 m)
+            count = segment_sum(weight, design.task, params.num_tasks)
+            precision = jnp.full((H + 1,), 1.0 / (self.prior_scale ** 2 * mean_rows_per_task(count)))
+        else:  # l2 |u|^2 = (l2 / H) |v_u|^2, the bias unpenalised
+            precision = jnp.append(jnp.full((H,), 2.0 * self.l2_shared / H), 0.0)
+        return empirical_bayes.refresh(params, design.X, design.y, design.task, self._binary_rows(params, design),
+                                       weight, self.activation, precision.astype(params.population_weight.dtype))
 
     def split_rows(self, design: PersonData, key: PRNGKeyArray, fraction: float):
         """``(train, validation)`` row weights: the data's own split, or ``fraction`` of each
@@ -217,9 +268,11 @@ class MTLNet(PersonModel):
         """Options of ``mtl-jax fit --model mtl-net``."""
         group = parser.add_argument_group(f"{cls.name} options")
         add_net_arguments(group, "shared layer widths", "linear heads")
-        group.add_argument("--l2-shared", type=float, default=1e-4, help="L2 on the shared weights (default 1e-4)")
-        group.add_argument("--l2-task", type=float, default=1e-2,
-                           help="L2 on the task heads' deviations from the population head (default 1e-2)")
+        group.add_argument("--l2-shared", type=float, default=None,
+                           help="L2 on the shared weights (default: none; the Bayesian net's Gaussian priors)")
+        group.add_argument("--l2-task", type=float, default=None,
+                           help="L2 on the task heads' deviations from the population head (default: none; a "
+                                "Gaussian prior whose scale is learned by empirical Bayes)")
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace):

@@ -37,6 +37,9 @@ class NetParams(eqx.Module):
         population_bias: :math:`c` ``[]``.
         log_noise_sd: :math:`s_k` ``[K]`` (used by Gaussian tasks only).
         population_log_noise_sd: :math:`s` ``[]`` (unseen Gaussian tasks).
+        head_log_scale: :math:`\\log\\tau` ``[]``, the scale of the head deviations' prior
+            (learned by empirical Bayes in MAP training when ``l2_task`` is not fixed;
+            see :mod:`.empirical_bayes`).
     """
 
     trunk: tuple[eqx.nn.Linear, ...]
@@ -46,6 +49,7 @@ class NetParams(eqx.Module):
     population_bias: Float[Array, ""]
     log_noise_sd: Float[Array, " K"]
     population_log_noise_sd: Float[Array, ""]
+    head_log_scale: Float[Array, ""]
 
     @property
     def num_tasks(self) -> int:
@@ -68,6 +72,7 @@ def init_params(key: PRNGKeyArray, num_inputs: int, hidden: tuple[int, ...], num
         population_bias=jnp.zeros((), dtype),
         log_noise_sd=jnp.zeros((num_tasks,), dtype),
         population_log_noise_sd=jnp.zeros((), dtype),
+        head_log_scale=jnp.zeros((), dtype),
     )
 
 

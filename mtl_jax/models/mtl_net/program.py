@@ -33,7 +33,7 @@ from jaxtyping import Array
 from mtl_jax.models.mtl_net.network import NetParams
 
 HEAD_FIELDS = ("head_weight", "head_bias", "population_weight", "population_bias", "log_noise_sd",
-               "population_log_noise_sd")
+               "population_log_noise_sd", "head_log_scale")
 
 
 def param_sites(num_layers: int) -> tuple[str, ...]:
@@ -60,7 +60,7 @@ def numpyro_model(model, design, centred: bool = False) -> None:
     u = _normal("population_u", s / jnp.sqrt(H), (H,), dtype)
     c = _normal("population_c", s, (), dtype)
     if model.pooled:
-        deviations = jnp.zeros((K, H + 1), dtype)
+        deviations, tau = jnp.zeros((K, H + 1), dtype), jnp.ones((), dtype)
     else:
         tau = numpyro.sample("head_scale", dist.HalfNormal(jnp.asarray(s, dtype)))
         unit = jnp.concatenate([jnp.full((H,), 1.0 / jnp.sqrt(H), dtype), jnp.ones((1,), dtype)])
@@ -74,11 +74,23 @@ def numpyro_model(model, design, centred: bool = False) -> None:
     with numpyro.plate("tasks", K):
         s_k = numpyro.sample("noise_log_sd", dist.Normal(s0, 1.0))
     values = {"head_weight": deviations[:, :H], "head_bias": deviations[:, H], "population_weight": u,
-              "population_bias": c, "log_noise_sd": s_k, "population_log_noise_sd": s0}
+              "population_bias": c, "log_noise_sd": s_k, "population_log_noise_sd": s0,
+              "head_log_scale": jnp.log(tau)}
     for field in HEAD_FIELDS:
         numpyro.deterministic(field, values[field])
     params = build(layers, values)
     numpyro.factor("labels", jnp.sum(design.weight * model.row_log_likelihood(params, design)))
+
+
+def shared_neg_log_prior(model, params: NetParams) -> Array:
+    r"""Minus the log prior density (less constants) of the shared weights and the noise sds at ``params``:
+    :math:`\sum_l (f_l\lVert W^{(l)}\rVert^2 + \lVert b^{(l)}\rVert^2)/(2s^2) + (H\lVert u\rVert^2 + c^2)/(2s^2)
+    + s_0^2/2 + \sum_k (s_k - s_0)^2/2`."""
+    s2 = model.prior_scale ** 2
+    total = sum(layer.weight.shape[1] * jnp.sum(layer.weight ** 2) + jnp.sum(layer.bias ** 2) for layer in params.trunk)
+    total += params.population_weight.shape[0] * jnp.sum(params.population_weight ** 2) + params.population_bias ** 2
+    noise = params.population_log_noise_sd ** 2 + jnp.sum((params.log_noise_sd - params.population_log_noise_sd) ** 2)
+    return total / (2.0 * s2) + noise / 2.0
 
 
 def build(layers, values) -> NetParams:
