@@ -31,7 +31,7 @@ so ``predict`` and ``score`` take it as it is), and write the table beside it as
 is a single fit.
 
 Every backend's options are listed by ``mtl-jax fit --help`` (from
-:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM ``--n-init --max-iter --tol``; SVI
+:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM and VB ``--n-init --max-iter --tol``; SVI
 ``--guide --num-steps --learning-rate --svi-samples --svi-parameterisation``; NUTS
 ``--num-warmup --num-samples --num-chains --target-accept --nuts-parameterisation``. Unset options take the backend's defaults; an option of
 another backend than ``--method`` is an error. Problems of a fit (no convergence, a
@@ -138,12 +138,12 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
     inference = fit_.add_argument_group("inference options")
     inference.add_argument("--method", required=True, choices=sorted(BACKENDS), help="inference backend")
     inference.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
-    for method, flag, keyword, spec in _backend_flags():
+    for methods, flag, keyword, spec in _backend_flags():
         extra = {key: value for key, value in spec.items() if key not in ("help", "dest")}
         if "metavar" not in extra and "choices" not in extra:
             extra["metavar"] = keyword.upper()
-        inference.add_argument(flag, dest=f"{method}:{keyword}", default=None,
-                               help=f"[{method}] {spec.get('help', '')}", **extra)
+        inference.add_argument(flag, dest=f"{'/'.join(methods)}:{keyword}", default=None,
+                               help=f"[{'/'.join(methods)}] {spec.get('help', '')}", **extra)
     fit_.add_argument("--out", required=True, type=Path, help="output JSON file")
     fit_.set_defaults(command=_fit)
 
@@ -244,28 +244,28 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _backend_flags():
-    """``(method, flag, backend keyword, argparse keywords)`` of every backend option.
+    """``(methods, flag, backend keyword, argparse keywords)`` of every backend option.
 
     Two backends may share a keyword (SVI's ``--svi-samples`` and NUTS's ``--num-samples``
-    both set ``num_samples``), so each flag gets its own destination ``"<method>:<keyword>"``;
+    both set ``num_samples``), so each flag gets its own destination ``"<methods>:<keyword>"``;
     the keywords of :data:`BACKEND_OPTIONS` are read, never changed.
     """
-    for method, specs in BACKEND_OPTIONS.items():
+    for methods, specs in BACKEND_OPTIONS.items():
         for flag, spec in specs:
-            yield method, flag, spec.get("dest", flag.lstrip("-").replace("-", "_")), spec
+            yield methods, flag, spec.get("dest", flag.lstrip("-").replace("-", "_")), spec
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
     """The chosen backend's options given on the command line (another backend's is an error)."""
     options, stray = {}, []
-    for method, flag, keyword, _ in _backend_flags():
-        value = getattr(args, f"{method}:{keyword}", None)
+    for methods, flag, keyword, _ in _backend_flags():
+        value = getattr(args, f"{'/'.join(methods)}:{keyword}", None)
         if value is None:
             continue
-        if method == args.method:
+        if args.method in methods:
             options[keyword] = value
         else:
-            stray.append(f"{flag} (an option of {method!r})")
+            stray.append(f"{flag} (an option of {' and '.join(map(repr, methods))})")
     if stray:
         raise ValueError(f"method {args.method!r} does not take {', '.join(stray)}")
     if args.method in ("svi", "nuts", "map"):

@@ -312,7 +312,7 @@ def test_backend_help_survives_repeated_parsers():
     for _ in range(2):
         run = run_main(["fit", "--help"])
         assert run.status == 0
-        for text in ("[em] EM random restarts", "[svi] SVI Adam steps", "[nuts] NUTS draws per chain",
+        for text in ("[em/vb] EM random restarts", "[svi] SVI Adam steps", "[nuts] NUTS draws per chain",
                      "--svi-samples", "--num-samples", "--components"):
             assert text in run.out
 

@@ -27,14 +27,17 @@ from mtl_jax.models.protocol import supports
 
 BACKENDS: dict[str, Callable[..., BackendResult]] = {
     "em": em.run_em_backend,
+    "vb": em.run_em_backend,  # closed-form variational Bayes: the same coordinate-ascent loop on an ELBO
     "svi": svi.run_svi_backend,
     "nuts": nuts.run_nuts_backend,
     "map": optimize.run_map_backend,
 }
 """Backends by method name."""
 
-BACKEND_OPTIONS = {"em": em.CLI_OPTIONS, "svi": svi.CLI_OPTIONS, "nuts": nuts.CLI_OPTIONS, "map": optimize.CLI_OPTIONS}
-"""``(flag, argparse keywords)`` per backend option, for the command line."""
+BACKEND_OPTIONS = {("em", "vb"): em.CLI_OPTIONS, ("svi",): svi.CLI_OPTIONS, ("nuts",): nuts.CLI_OPTIONS,
+                   ("map",): optimize.CLI_OPTIONS}
+"""``(flag, argparse keywords)`` per backend option, for the command line, keyed by the
+methods that take them (EM and VB run the same loop and share theirs)."""
 
 #: R-hat (rank-normalised split, after relabelling) below which MCMC counts as converged.
 MAX_R_HAT = 1.05

@@ -61,6 +61,9 @@ Optional capabilities (checked with ``hasattr``):
 ``em_step(params, design) -> (params, objective)``
     One EM iteration (gives ``method="em"``). ``objective`` is the quantity the step
     does not decrease, evaluated at the old parameters (traced for tests and plots).
+    A model whose step is one sweep of closed-form variational Bayes (coordinate ascent
+    on an ELBO, which is then the objective) declares ``"vb"`` among its ``methods``
+    instead: the same loop runs it.
 ``numpyro_model(design, centred=False)``, ``site_values(params) -> dict``, ``from_sites(samples) -> params``
     The model as a NumPyro program (gives ``"svi"`` and ``"nuts"``): ``site_values`` maps
     a parameter point to the program's sampled sites (an initial value; the sites of
