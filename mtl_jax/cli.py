@@ -19,7 +19,7 @@ with any of its backends (``--method``) and saves the :class:`mtl_jax.Fit` as JS
 columns the model adds (sequence-lda: ``next_correct``, ``next_total``). Rows of tasks not
 seen in training get population-level answers (their random effects integrated out).
 ``plot`` draws a figure of :mod:`mtl_jax.plots` from saved fits as PNG (``--kind
-random-effects | trajectories | trace | compare``; ``compare`` takes several fit files,
+random-effects | trajectories | clusters | trace | compare``; ``compare`` takes several fit files,
 labelled by their method; ``trajectories`` needs ``--data CSV --time COL``).
 
 Several ``--components`` values (a model with a ``num_components`` field) fit the model
@@ -64,7 +64,7 @@ from mtl_jax.models.protocol import MODELS, model_class, supports
 
 PROG = "mtl-jax"
 DEFAULT_MODEL = "mixture-glmm"
-PLOT_KINDS = ("random-effects", "trajectories", "trace", "compare")
+PLOT_KINDS = ("random-effects", "trajectories", "clusters", "trace", "compare")
 
 
 class FitFailed(RuntimeError):
@@ -323,6 +323,8 @@ def _plot(args: argparse.Namespace) -> None:
     elif args.kind == "trajectories":
         frame = pd.read_csv(args.data)
         figure = plots.trajectories(fits[0], frame, args.time, response=args.response)
+    elif args.kind == "clusters":
+        figure = plots.cluster_memberships(fits[0])
     elif args.kind == "trace":
         figure = plots.em_trace(fits[0])
     else:

@@ -5,6 +5,8 @@ r"""Figures of fitted multitask models; each function takes a :class:`mtl_jax.Fi
   ``dotplot(ranef(fit, condVar = TRUE))``);
 * :func:`trajectories`: each task's response over time in the panel of its most
   probable class, under the class's mean trajectory (the paper's Figure 2);
+* :func:`cluster_memberships`: each task's class (cluster) probabilities as a stacked
+  bar, the tasks grouped by their most probable class (task-level mixtures, HBLR);
 * :func:`em_trace`: the EM stopping quantity, or the SVI loss, per iteration;
 * :func:`compare_estimates`: the population parameters of several fits (EM, SVI, NUTS)
   side by side, each with its interval.
@@ -25,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 #: Axis label of each backend's trace (:attr:`mtl_jax.Fit.trace`).
-TRACE_LABELS = {"em": "EM objective (does not decrease)", "svi": "SVI loss (negative ELBO)"}
+TRACE_LABELS = {"em": "EM objective (does not decrease)", "vb": "ELBO (does not decrease)",
+                "svi": "SVI loss (negative ELBO)"}
 
 
 def random_effects(fit, part: str = "component", level: float = 0.95, ax=None):
@@ -114,17 +117,14 @@ def trajectories(fit, frame: pd.DataFrame, time: str, response: str | None = Non
     """
     import matplotlib.pyplot as plt
 
-    probabilities = fit.task_tables.get("class_probabilities")
-    if probabilities is None:
-        raise ValueError(f"this {fit.method} fit has no class probabilities per task (its model assigns a class "
-                         "to each observation, not to each task): fit a model with membership='task'")
+    probabilities = class_probabilities(fit)
     response = fit.response_names[0] if response is None else response
     if response not in fit.response_names:
         raise ValueError(f"response {response!r} is not one of the fit's responses {list(fit.response_names)}")
     if task is None:
         if fit.schema is None:
             raise ValueError("this fit has no data schema (it was fitted to a raw design): name the task column")
-        task = fit.schema.task
+        task = getattr(fit.schema, "task", None) or fit.schema.person  # tabular or per-person data
     missing = [column for column in dict.fromkeys((task, time, response)) if column not in frame.columns]
     if missing:
         raise ValueError(f"column(s) {missing} not in the data (it has {list(frame.columns)})")
@@ -158,6 +158,55 @@ def trajectories(fit, frame: pd.DataFrame, time: str, response: str | None = Non
     return figure
 
 
+def class_probabilities(fit) -> pd.DataFrame:
+    """The fit's per-task class probabilities (``task_tables["class_probabilities"]``).
+
+    Raises:
+        ValueError: when the fit has none (a model that assigns classes per observation, or none).
+    """
+    probabilities = fit.task_tables.get("class_probabilities")
+    if probabilities is None:
+        raise ValueError(f"this {fit.method} fit has no class probabilities per task (its model assigns a class "
+                         "to each observation, or none): fit a model with membership='task', or hblr")
+    return probabilities
+
+
+def cluster_memberships(fit, ax=None):
+    """Each task's class probabilities as one stacked horizontal bar, the tasks grouped by
+    their most probable class (then by that probability).
+
+    Returns:
+        The Figure; its Axes holds one bar container per class (label ``class <name>``),
+        bar ``i`` of each for the ``i``-th task in the plotted order (y tick labels: task names).
+
+    Raises:
+        ValueError: when the fit has no class probabilities per task.
+    """
+    import matplotlib.pyplot as plt
+
+    probabilities = class_probabilities(fit)
+    most_probable = probabilities.to_numpy().argmax(axis=1)
+    order = np.lexsort((-probabilities.to_numpy().max(axis=1), most_probable))
+    ordered = probabilities.iloc[order]
+    if ax is None:
+        figure, ax = plt.subplots(figsize=(6.0, 0.9 + 0.22 * len(ordered)))
+    else:
+        figure = ax.figure
+    left = np.zeros(len(ordered))
+    for h, column in enumerate(ordered.columns):
+        values = ordered[column].to_numpy(dtype=float)
+        ax.barh(np.arange(len(ordered)), values, left=left, color=f"C{h % 10}", label=f"class {column}")
+        left += values
+    ax.set_yticks(np.arange(len(ordered)), [str(name) for name in ordered.index])
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("class probability")
+    ax.set_title(f"{fit.method.upper()}: tasks by class")
+    ax.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
 def em_trace(fit):
     """The backend's trace per iteration: EM's stopping quantity, or the SVI loss per step.
 
@@ -175,7 +224,7 @@ def em_trace(fit):
         raise ValueError(f"this {fit.method} fit has no trace (EM and SVI fits record one per iteration)")
     figure, axis = plt.subplots(figsize=(6.0, 3.6))
     axis.plot(np.arange(1, trace.size + 1), trace, color="C0", linewidth=1.2)
-    axis.set_xlabel("iteration" if fit.method == "em" else "step")
+    axis.set_xlabel("iteration" if fit.method in ("em", "vb") else "step")
     axis.set_ylabel(TRACE_LABELS.get(fit.method, f"{fit.method} trace"))
     axis.set_title(f"{fit.method.upper()}: {fit.n_iter} iterations, converged {fit.converged}")
     figure.tight_layout()

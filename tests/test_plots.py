@@ -190,6 +190,26 @@ def test_trajectories_errors(em_fit, frame):
         plots.trajectories(em_fit, stranger, "t")
 
 
+# ------------------------------------------------------------ memberships
+def test_cluster_memberships_stack_each_tasks_probabilities_grouped_by_class(em_fit):
+    figure = plots.cluster_memberships(em_fit)
+    probabilities = em_fit.task_tables["class_probabilities"]
+    axis, = figure.axes
+    labels = [tick.get_text() for tick in axis.get_yticklabels()]
+    assert sorted(labels) == sorted(probabilities.index)
+    classes = probabilities.loc[labels].to_numpy().argmax(axis=1)
+    assert np.all(np.diff(classes) >= 0)  # grouped by most probable class
+    assert [bars.get_label() for bars in axis.containers] == [f"class {c}" for c in probabilities.columns]
+    for bars, column in zip(axis.containers, probabilities.columns):
+        np.testing.assert_allclose([bar.get_width() for bar in bars], probabilities.loc[labels, column], atol=1e-12)
+    ends = np.array([bar.get_x() + bar.get_width() for bar in axis.containers[-1]])
+    np.testing.assert_allclose(ends, 1.0, rtol=1e-9)  # each stack sums to one
+    per_observation = dataclasses.replace(
+        em_fit, task_tables={"component_sd": em_fit.task_tables["component_sd"]})
+    with pytest.raises(ValueError, match="no class probabilities per task"):
+        plots.cluster_memberships(per_observation)
+
+
 # --------------------------------------------------------------------- trace
 def test_trace_is_the_fits_trace(em_fit, svi_fit):
     for result in (em_fit, svi_fit):
@@ -252,6 +272,7 @@ def fit_files(tmp_path_factory, frame, em_fit, svi_fit):
 @pytest.mark.parametrize("kind, more_fits, options", [
     ("random-effects", [], []),
     ("trajectories", [], ["--data", "rows.csv", "--time", "t"]),
+    ("clusters", [], []),
     ("trace", [], []),
     ("compare", ["svi.json"], []),
 ])
