@@ -1,7 +1,8 @@
 """Evaluation measures used by the paper studies and the benchmarks.
 
 Regression and mixture studies: :func:`explained_variance`, :func:`match_components`,
-:func:`mean_absolute_bias`, :func:`mean_and_standard_error`.
+:func:`mean_absolute_bias`, :func:`mean_and_standard_error`; clusterings of tasks against
+known groups: :func:`adjusted_rand_index`.
 
 Personalised multitask classification and regression (all in NumPy float64):
 
@@ -51,6 +52,37 @@ def match_components(estimated_coef, true_coef) -> np.ndarray:
     cost = np.abs(true[:, None, :] - est[None, :, :]).sum(-1)
     _, order = linear_sum_assignment(cost)
     return order
+
+
+def adjusted_rand_index(labels_a, labels_b) -> float:
+    r"""Hubert and Arabie's adjusted Rand index of two partitions of the same items.
+
+    With the contingency table :math:`n_{ij}`, its row sums :math:`a_i`, column sums
+    :math:`b_j` and :math:`n` items,
+
+    .. math::
+
+        \mathrm{ARI} = \frac{\sum_{ij}\binom{n_{ij}}{2} - E}{\tfrac12[\sum_i\binom{a_i}{2}
+        + \sum_j\binom{b_j}{2}] - E},\qquad E = \sum_i\binom{a_i}{2}\sum_j\binom{b_j}{2} \Big/ \binom n2:
+
+    1 for identical partitions (whatever the label names), about 0 for unrelated ones.
+    Two partitions with a single group each (the denominator 0) count as identical (1).
+
+    Raises:
+        ValueError: for inputs of different lengths or fewer than two items.
+    """
+    a, b = np.asarray(labels_a).reshape(-1), np.asarray(labels_b).reshape(-1)
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"need two labelings of the same >= 2 items, got {len(a)} and {len(b)}")
+    table = pd.crosstab(a, b).to_numpy().astype(float)
+
+    def pairs(counts) -> float:
+        return float(np.sum(counts * (counts - 1.0) / 2.0))
+
+    together, rows, columns = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    expected = rows * columns / (len(a) * (len(a) - 1) / 2.0)
+    maximum = (rows + columns) / 2.0
+    return 1.0 if maximum == expected else (together - expected) / (maximum - expected)
 
 
 def mean_absolute_bias(estimate, truth) -> float:

@@ -5,6 +5,7 @@ import pytest
 
 from mtl_jax.metrics import (
     accuracy,
+    adjusted_rand_index,
     balanced_accuracy,
     f1,
     precision,
@@ -226,3 +227,32 @@ def test_task_metrics_sequence_names_and_errors():
         task_metrics([0, 1], [0.1, 0.2], [0, 0], kind="multiclass")
     with pytest.raises(ValueError, match="row 1"):
         task_metrics([0, 1], [0.1, np.nan], [0, 0])
+
+
+def pair_counted_ari(a, b):
+    """Reference by enumerating all pairs of items (no contingency table)."""
+    n = len(a)
+    together = same_a = same_b = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            same_a += a[i] == a[j]
+            same_b += b[i] == b[j]
+            together += (a[i] == a[j]) and (b[i] == b[j])
+    expected = same_a * same_b / (n * (n - 1) / 2)
+    return (together - expected) / ((same_a + same_b) / 2 - expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adjusted_rand_index_against_pair_counts(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 3, 25), rng.integers(0, 4, 25)
+    b[:10] = a[:10]  # partly agreeing
+    assert adjusted_rand_index(a, b) == pytest.approx(pair_counted_ari(a, b), abs=1e-12)
+
+
+def test_adjusted_rand_index_known_values():
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)  # crossing pairs
+    assert adjusted_rand_index([0, 0, 1, 1, 2], ["b", "b", "a", "a", "c"]) == 1.0  # relabelled
+    assert adjusted_rand_index([1, 1, 1], [2, 2, 2]) == 1.0
+    with pytest.raises(ValueError, match="same >= 2 items"):
+        adjusted_rand_index([0, 1], [0, 1, 1])

@@ -7,6 +7,7 @@ import pytest
 from mtl_jax.data import data_dir
 from mtl_jax.experiments import run_experiment
 from mtl_jax.experiments.personal import computer_survey_frame, ema_frame, landmine_frame, landmine_split, sarcos_frame
+from mtl_jax.metrics import adjusted_rand_index
 
 
 def test_landmine_split_has_size_rows_per_task_with_both_classes():
@@ -65,3 +66,21 @@ def test_a_model_entry_may_name_its_method_and_backend_options():
                                       "backend": {"num_steps": 30, "num_samples": 5}}}}
     entry = run_experiment(config, progress=False)["runs"]["time"]["net, SVI"]
     assert np.isfinite(entry["task_mean"]["auc"]) and entry["method"] == "svi"
+
+
+def test_landmine_reports_the_clusters_of_a_clustering_model_against_the_terrain_split():
+    config = {"experiment": "personal_study", "study": "landmine", "sizes": [40], "repeats": 2,
+              "models": {"hblr": {"model": "hblr", "method": "vb", "backend": {"n_init": 1, "max_iter": 30}},
+                         "pooled logistic": {"model": "pooled-logistic", "C": [1.0]}}}
+    results = run_experiment(config, progress=False)
+    runs = [results["runs"][f"40/{repeat}"] for repeat in range(2)]
+    assert all("clusters" not in run["pooled logistic"] for run in runs)
+    aris = []
+    for run in runs:
+        clusters = run["hblr"]["clusters"]
+        assert sorted(clusters, key=int) == [str(task) for task in range(1, 30)]
+        aris.append(adjusted_rand_index([int(task) <= 15 for task in clusters], list(clusters.values())))
+    table = results["cluster_table"]
+    ari_mean = float(table.split("\n")[-1].split()[1])  # row "40", first column "hblr: ARI"
+    assert ari_mean == pytest.approx(np.mean(aris), abs=1e-3)
+    assert "hblr: clusters" in table and "pooled logistic" not in table

@@ -12,7 +12,9 @@ fit it otherwise, e.g. ``{"mtl-net, SVI": {"model": "mtl-net", "method": "svi", 
 
 * **landmine** (29 tasks, binary): the test AUC against the number of training rows per
   task (``sizes``, drawn at random per task, stratified so both classes are present), over
-  ``repeats`` random draws; the rest of each task is its test set.
+  ``repeats`` random draws; the rest of each task is its test set. A model that clusters
+  the tasks (``hblr``) also gets the adjusted Rand index of its clusters against the
+  foliated (tasks 1-15) / bare-earth (16-29) split (``cluster_table``).
 * **computer survey** (190 people rate 20 PC profiles 0-10; 13 attributes coded -1/+1):
   users as tasks, profiles 1-16 for training and 17-20 (the data's hold-out design) for
   testing; RMSE.
@@ -38,7 +40,7 @@ import pandas as pd
 from mtl_jax.data.personal import PersonData
 from mtl_jax.data.settings import data_dir
 from mtl_jax.infer.fit import fit
-from mtl_jax.metrics import task_metrics
+from mtl_jax.metrics import adjusted_rand_index, task_metrics
 from mtl_jax.models.protocol import model_class
 
 STUDIES = ("landmine", "computer_survey", "sarcos", "ema")
@@ -137,6 +139,10 @@ def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind:
                          "per_task": table.drop(index=["pooled", "task_mean"]).to_dict(orient="index"),
                          "converged": bool(fitted.converged), "method": method,
                          "seconds": time.perf_counter() - start}
+        if "class_probabilities" in fitted.task_tables:  # a model that clusters the tasks (hblr)
+            probabilities = fitted.task_tables["class_probabilities"]
+            results[name]["clusters"] = dict(zip(probabilities.index.astype(str),
+                                                 (probabilities.to_numpy().argmax(axis=1) + 1).tolist()))
     return results
 
 
@@ -173,6 +179,11 @@ def run_personal_study(config: dict, *, progress: bool = True) -> dict:
                         f"{name} {entry['task_mean']['auc']:.3f}" for name, entry in runs[f"{size}/{repeat}"].items()),
                         flush=True)
         output = {"runs": runs, "table": landmine_table(runs, models, config["sizes"])}
+        clusters = landmine_cluster_table(runs, models, config["sizes"])
+        if clusters is not None:
+            output["cluster_table"] = clusters
+            if progress:
+                print(clusters, flush=True)
     elif study == "computer_survey":
         frame = computer_survey_frame()
         output = {"runs": {"holdout": evaluate_models(models, frame, dict(person="person", labels="rating",
@@ -220,6 +231,32 @@ def landmine_table(runs: dict, models: dict, sizes) -> str:
                                if key.split("/")[0] == str(size)])
             error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
             row[name] = f"{values.mean():.3f} ({error:.3f})"
+        rows[size] = row
+    return pd.DataFrame(rows).T.rename_axis("rows per task").to_string()
+
+
+LANDMINE_FOLIATED = range(1, 16)
+"""Landmine tasks 1-15 are from foliated regions, 16-29 from bare earth or desert (Xue et al. 2007)."""
+
+
+def landmine_cluster_table(runs: dict, models: dict, sizes) -> str | None:
+    """Per training size, for each model that clusters the tasks: the mean (standard error over
+    repeats) adjusted Rand index of its most probable clusters against the foliated (1-15) /
+    bare-earth (16-29) split, and the mean number of clusters used; ``None`` without such a model."""
+    clustering = [name for name in models if any("clusters" in entry.get(name, {}) for entry in runs.values())]
+    if not clustering:
+        return None
+    rows = {}
+    for size in sizes:
+        row = {}
+        for name in clustering:
+            entries = [entry[name]["clusters"] for key, entry in runs.items() if key.split("/")[0] == str(size)]
+            aris = np.array([adjusted_rand_index([int(task) in LANDMINE_FOLIATED for task in clusters],
+                                                 list(clusters.values())) for clusters in entries])
+            used = np.mean([len(set(clusters.values())) for clusters in entries])
+            error = aris.std(ddof=1) / np.sqrt(len(aris)) if len(aris) > 1 else float("nan")
+            row[f"{name}: ARI"] = f"{aris.mean():.3f} ({error:.3f})"
+            row[f"{name}: clusters"] = f"{used:.1f}"
         rows[size] = row
     return pd.DataFrame(rows).T.rename_axis("rows per task").to_string()
 
