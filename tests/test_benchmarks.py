@@ -234,3 +234,26 @@ def test_mtl_net_step_script_without_torch(monkeypatch, tmp_path):
     assert "torch is not installed" in case["devices"]["cpu"]["torch"]["skipped"]
     assert case["devices"]["cpu"]["ours"]["seconds_per_step"] > 0
     assert "torch skipped" in results["table"] and results["environment"]["torch"] is None
+
+
+def test_hblr_vb_script(tmp_path):
+    """Tiny sizes: the jitted VB sweep and the NumPy loop agree after 1 and 3 sweeps in float64."""
+    path = tmp_path / "hblr_vb.json"
+    module = load("hblr_vb")
+    results = module.main(["--tasks", "4", "--rows-per-task", "10", "--features", "2", "--repeats", "2",
+                           "--numpy-repeats", "1", "--out", str(path)])
+    written = json.loads(path.read_text())
+    assert written["table"] == results["table"] and written["check_after_sweeps"] == [1, 3]
+    (case,) = written["cases"]
+    assert case["dtype"] == "float64" and case["data"]["clusters"] == 4 and case["data"]["rows"] == 40
+    # Same start, same updates in float64: the same parameters, to rounding.
+    check = case["check"]
+    assert check["agree"] and check["max_abs_param_difference"] < 1e-10, check
+    assert check["elbo_max_relative_difference"] < 1e-12, check
+    assert set(check["after_sweeps"]["3"]) == {"mean", "cov", "membership", "cluster_weight", "stick_a",
+                                                "stick_b", "alpha"}
+    assert case["ours"]["seconds_per_sweep"] > 0 and case["ours"]["compile_seconds"] > 0
+    assert case["numpy_loop"]["sweeps"] == 3 and case["numpy_loop"]["over_ours_time"] > 0
+    assert "NumPy loop ms/sweep" in written["table"]
+    with pytest.raises(SystemExit):
+        module.main(["--no-such-flag"])
