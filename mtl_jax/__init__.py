@@ -19,6 +19,7 @@ from mtl_jax.infer.results import Fit
 from mtl_jax.infer.selection import Selection, select_components
 from mtl_jax.models import MODELS, model_class
 from mtl_jax.data.sequences import SequenceData
+from mtl_jax.models.hblr import HBLR
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
 from mtl_jax.models.baselines import PerTaskLogistic, PerTaskLSSVM, PooledLogistic, STLNet
 from mtl_jax.models.mtl_net import MTLNet, PooledNet
@@ -29,6 +30,7 @@ __all__ = [
     "DataError",
     "Fit",
     "FitWarning",
+    "HBLR",
     "MixtureDesign",
     "MixtureGLMM",
     "MixtureParams",
