@@ -236,6 +236,23 @@ def test_mtl_net_step_script_without_torch(monkeypatch, tmp_path):
     assert "torch skipped" in results["table"] and results["environment"]["torch"] is None
 
 
+def test_mtmkl_solver_script(tmp_path):
+    """Tiny sizes: every contender reaches the best objective and the JSON has the table."""
+    path = tmp_path / "mtmkl_solver.json"
+    results = load("mtmkl_solver").main(["--tasks", "3", "--rows", "16", "--modalities", "2", "--repeats", "1",
+                                         "--out", str(path)])
+    written = json.loads(path.read_text())
+    assert written["table"] == results["table"] and written["dtype"] == "float64"
+    (case,) = written["cases"]
+    assert case["data"]["tasks"] == 3 and case["data"]["modalities"] == 2
+    for method in ("newton", "eg", "slsqp"):
+        assert case["results"][method]["total_seconds"] > 0
+    assert case["results"]["newton"]["seconds_to_target"] is not None
+    assert abs(case["results"]["newton"]["objective_minus_best"]) <= 1e-6 * abs(case["best_objective"])
+    with pytest.raises(SystemExit):
+        load("mtmkl_solver").main(["--no-such-flag"])
+
+
 def test_hblr_vb_script(tmp_path):
     """Tiny sizes: the jitted VB sweep and the NumPy loop agree after 1 and 3 sweeps in float64."""
     path = tmp_path / "hblr_vb.json"
