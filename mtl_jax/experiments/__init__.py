@@ -71,6 +71,13 @@ def _run_cv_grid(config: dict, *, progress: bool = True) -> dict:
     return run_cv_grid(config, progress=progress)
 
 
+def _run_cluster_recovery(config: dict, *, progress: bool = True) -> dict:
+    """Synthetic tasks in known clusters: recovery (ARI) and test AUC against per-task and pooled models."""
+    from mtl_jax.experiments.cluster_recovery import run_cluster_recovery
+
+    return run_cluster_recovery(config, progress=progress)
+
+
 def _plot_personal_study(results: dict, path: Path) -> Path:
     """The landmine curve (AUC against training size), or the test metric per model."""
     from mtl_jax.experiments.personal import plot_results
@@ -101,6 +108,7 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "glmm_recovery": _run_glmm_recovery,
     "personal_study": _run_personal_study,
     "cv_grid": _run_cv_grid,
+    "cluster_recovery": _run_cluster_recovery,
 }
 
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
