@@ -23,6 +23,7 @@ from mtl_jax.models.hblr import HBLR
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
 from mtl_jax.models.baselines import PerTaskLogistic, PerTaskLSSVM, PooledLogistic, STLNet
 from mtl_jax.models.mtl_net import MTLNet, PooledNet
+from mtl_jax.models.mtmkl import MTMKL
 from mtl_jax.models.sequence_lda import SequenceLDA, SequenceLDAParams, SequencePerTask, SequencePooled
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "MixtureParams",
     "MixturePriors",
     "MTLNet",
+    "MTMKL",
     "PerTaskLSSVM",
     "PerTaskLogistic",
     "PersonData",

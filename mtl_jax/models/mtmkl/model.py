@@ -6,7 +6,7 @@ kernel :math:`K_t = \sum_m \eta_{tm}\,c_m k_m`, a convex combination (:math:`\et
 simplex) of one normalised kernel per **modality** (feature block of the data's schema,
 :mod:`.kernels`). The weights are tied across tasks by a regulariser of weight ``V`` and
 learnt by minimising :math:`J(\eta) = \sum_t D_t(\eta_t) + V R(\eta)` (:mod:`.solver`:
-the maths, Danskin's gradient and the mirror-descent optimiser). ``V = 0`` gives
+the maths, Danskin's gradient and the optimisers). ``V = 0`` gives
 independent multiple-kernel learners; a large ``V`` with ``"pull"`` gives one shared
 weighting.
 
