@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +62,8 @@ import jax
 import numpy as np
 import pandas as pd
 from scipy.special import betaln, digamma, gammaln
+
+from mtl_jax.experiments.common import cpu_threads, load_average
 
 #: The goal: NumPy-loop time per sweep over ours.
 GOAL = 100.0
@@ -135,22 +136,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------- setup
-def cpu_threads() -> int:
-    """The cores this process may run on (what XLA's CPU thread pool uses)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (other work on a shared machine skews the timings)."""
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def synthetic_data(rng: np.random.Generator, tasks: int, rows: int, features: int):
     """``(X, y, task)``: standardised features, 0/1 labels from ``min(3, tasks)`` clusters of logistic regressions."""
     true_clusters = min(3, tasks)

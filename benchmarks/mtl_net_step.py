@@ -83,6 +83,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,10 +92,9 @@ import pandas as pd
 
 from mtl_jax.data.personal import PersonData, PersonSchema
 from mtl_jax.experiments import write_results
-from mtl_jax.experiments.common import compile_and_run
+from mtl_jax.experiments.common import compile_and_run, cpu_threads, load_average
 from mtl_jax.infer.optimize import TrainState, make_step
 from mtl_jax.models.mtl_net import MTLNet
-from mtl_jax.models.mtl_net.network import NetParams
 
 #: The goal: PyTorch's time per step over ours.
 GOAL = 1.5
@@ -204,22 +204,6 @@ def import_torch():
     return torch, None
 
 
-def cpu_threads() -> int:
-    """The cores this process may run on (what XLA's CPU thread pool uses)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (other work on a shared machine skews the timings)."""
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def jax_gpus() -> list:
     """JAX's GPU devices (empty without one)."""
     try:
@@ -258,15 +242,9 @@ def initial_params(model: MTLNet, data: PersonData, key):
     key_init, key_w, key_b, key_s = jax.random.split(key, 4)
     params = model.init(key_init, data)
     K, H = params.head_weight.shape
-    return NetParams(
-        trunk=params.trunk,
-        head_weight=0.1 * jax.random.normal(key_w, (K, H), DTYPE),
-        head_bias=0.1 * jax.random.normal(key_b, (K,), DTYPE),
-        population_weight=params.population_weight,
-        population_bias=params.population_bias,
-        log_noise_sd=0.1 * jax.random.normal(key_s, (K,), DTYPE),
-        population_log_noise_sd=params.population_log_noise_sd,
-    )
+    return eqx.tree_at(lambda p: (p.head_weight, p.head_bias, p.log_noise_sd), params,
+                       (0.1 * jax.random.normal(key_w, (K, H), DTYPE), 0.1 * jax.random.normal(key_b, (K,), DTYPE),
+                        0.1 * jax.random.normal(key_s, (K,), DTYPE)))
 
 
 # --------------------------------------------------------------------------- ours

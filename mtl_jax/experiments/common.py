@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -199,3 +200,19 @@ def median_time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         out = jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (what XLA's CPU thread pool uses)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other work on a shared machine skews the timings)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None

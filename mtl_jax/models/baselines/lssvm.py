@@ -8,7 +8,7 @@ labels on its training scores,
 
     P(y = 1 \mid x) = \sigma\big(a_k f_k(x) + c_k\big),
 
-fitted by :func:`.solvers.logistic_l2` (vmapped over tasks) on Platt's smoothed targets
+fitted by :func:`.solvers.platt_scaling` (:func:`.solvers.logistic_l2` vmapped over tasks) on Platt's smoothed targets
 :math:`t_+ = (N_+ + 1)/(N_+ + 2)` for positives and :math:`t_- = 1/(N_- + 2)` for
 negatives (:math:`N_\pm` the task's class counts), which keeps :math:`a_k` finite when
 the training scores separate the classes, with the mild penalty :math:`a_k^2/(2C_P)`
@@ -36,11 +36,11 @@ from mtl_jax.data.personal import PersonData
 from mtl_jax.models.baselines.solvers import (
     KERNELS,
     fit_per_task,
-    logistic_l2,
     lssvm,
     lssvm_row_scores,
     lssvm_scores,
     pad_by_task,
+    platt_scaling,
 )
 from mtl_jax.models.protocol import register
 from mtl_jax.models.baselines.common import (
@@ -266,13 +266,8 @@ def _fit_lssvm(Xp, yp, wp, gamma, kernel: str, bandwidth, platt_C):
     fits = fit_per_task(lssvm, Xp, yp, wp, gamma=gamma, kernel=kernel, bandwidth=bandwidth)
     scores = jax.vmap(lambda Xk, bk, ak: lssvm_scores(Xk, bk, ak, Xk, kernel=kernel, bandwidth=bandwidth))(
         Xp, fits.b, fits.alpha)
-    positive = (yp > 0.5) & (wp > 0)
-    n_pos = jnp.sum(jnp.where(positive, wp, 0.0), axis=1, keepdims=True)
-    n_neg = jnp.sum(jnp.where(positive, 0.0, wp), axis=1, keepdims=True)
-    targets = jnp.where(positive, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
-    platt = fit_per_task(logistic_l2, scores[..., None], targets, wp, C=platt_C)
-    params = LSSVMParams(Xp, fits.alpha, fits.b, platt.beta[:, 0], platt.intercept,
-                         jnp.asarray(bandwidth, Xp.dtype))
-    return params, jnp.all(platt.converged)
+    slope, intercept, converged = platt_scaling(scores, yp, wp, platt_C)
+    params = LSSVMParams(Xp, fits.alpha, fits.b, slope, intercept, jnp.asarray(bandwidth, Xp.dtype))
+    return params, converged
 
 

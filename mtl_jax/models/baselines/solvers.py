@@ -791,3 +791,19 @@ def lssvm_row_scores(
 
     Xp, b, alpha = jnp.asarray(Xp), jnp.asarray(b), jnp.asarray(alpha)
     return lax.map(one_row, (jnp.asarray(X, Xp.dtype), task), batch_size=batch_size)
+
+
+def platt_scaling(scores: Array, yp, wp, platt_C):
+    r"""Platt's per-task logistic regression of the labels ``yp [K, m]`` on the scores ``[K, m]`` ``-> (slope [K], intercept [K], converged)``.
+
+    The targets are Platt's smoothed labels :math:`(N_+ + 1)/(N_+ + 2)` for positives and
+    :math:`1/(N_- + 2)` for negatives (``N`` the weighted class counts of the task's rows
+    ``wp > 0``), the slope penalised by :math:`a^2/(2C_P)`; :func:`logistic_l2` vmapped over
+    tasks. Used by the ``"lssvm"`` baseline and ``"mtmkl"``.
+    """
+    positive = (yp > 0.5) & (wp > 0)
+    n_pos = jnp.sum(jnp.where(positive, wp, 0.0), axis=1, keepdims=True)
+    n_neg = jnp.sum(jnp.where(positive, 0.0, wp), axis=1, keepdims=True)
+    targets = jnp.where(positive, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+    platt = fit_per_task(logistic_l2, scores[..., None], targets, wp, C=platt_C)
+    return platt.beta[:, 0], platt.intercept, jnp.all(platt.converged)

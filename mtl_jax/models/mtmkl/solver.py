@@ -104,7 +104,7 @@ stops early at a small step (the Frank-Wolfe gap in :class:`EtaResult` says how 
 
 **Scores and probabilities.** At the final weights, task :math:`t`'s decision score is
 :math:`f_t(x) = \sum_i a_{ti}\sum_m\eta_{tm}c_m k_m(x_i, x) + b_t`; Platt scaling
-(:func:`platt_scaling`) maps the in-sample scores to probabilities as the ``"lssvm"``
+(:func:`~mtl_jax.models.baselines.solvers.platt_scaling`) maps the in-sample scores to probabilities as the ``"lssvm"``
 baseline does.
 """
 
@@ -119,7 +119,7 @@ from jax import lax
 from jax.scipy.linalg import cho_factor, cho_solve
 from jaxtyping import Array, Float
 
-from mtl_jax.models.baselines.solvers import fit_per_task, logistic_l2
+from mtl_jax.models.baselines.solvers import platt_scaling
 from mtl_jax.models.mtmkl.kernels import scaled_grams
 
 REGULARISERS = ("pull", "similarity")
@@ -474,22 +474,6 @@ def in_sample_scores(eta, alpha, b, problem: Problem) -> Float[Array, "K m"]:
     return jnp.einsum("kij,kj->ki", task_kernels(eta, problem), alpha, precision=_HIGHEST) + b[:, None]
 
 
-def platt_scaling(scores: Float[Array, "K m"], yp, wp, platt_C):
-    r"""Platt's per-task logistic regression of the labels on the scores ``-> (slope [K], intercept [K], converged)``.
-
-    The targets are Platt's smoothed labels :math:`(N_+ + 1)/(N_+ + 2)` for positives and
-    :math:`1/(N_- + 2)` for negatives, the slope penalised by :math:`a^2/(2C_P)`: the
-    same regression as the ``"lssvm"`` baseline, by
-    :func:`~mtl_jax.models.baselines.solvers.logistic_l2` vmapped over tasks.
-    """
-    positive = (yp > 0.5) & (wp > 0)
-    n_pos = jnp.sum(jnp.where(positive, wp, 0.0), axis=1, keepdims=True)
-    n_neg = jnp.sum(jnp.where(positive, 0.0, wp), axis=1, keepdims=True)
-    targets = jnp.where(positive, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
-    platt = fit_per_task(logistic_l2, scores[..., None], targets, wp, C=platt_C)
-    return platt.beta[:, 0], platt.intercept, jnp.all(platt.converged)
-
-
 @functools.partial(jax.jit, static_argnames=("kind", "regulariser_kind", "max_iter"))
 def fit_mtmkl(Xp, yp, wp, mask, gamma, scale, kind: str, C, V, regulariser_kind: str, tol, max_iter: int, platt_C):
     """The whole fit in one compiled program: Gram matrices, eta optimisation, Platt scaling.
@@ -506,4 +490,4 @@ def fit_mtmkl(Xp, yp, wp, mask, gamma, scale, kind: str, C, V, regulariser_kind:
 
 __all__ = ["EtaResult", "Problem", "REGULARISERS", "alignments", "build_problem", "dual_values", "fit_mtmkl",
            "frank_wolfe_gap", "in_sample_scores", "lssvm_kernel_solve", "objective", "objective_and_gradient",
-           "optimise_eta", "platt_scaling", "regulariser", "regulariser_gradient", "solve_tasks", "task_kernels"]
+           "optimise_eta", "regulariser", "regulariser_gradient", "solve_tasks", "task_kernels"]
