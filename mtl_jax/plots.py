@@ -189,7 +189,7 @@ def cluster_memberships(fit, ax=None):
     order = np.lexsort((-probabilities.to_numpy().max(axis=1), most_probable))
     ordered = probabilities.iloc[order]
     if ax is None:
-        figure, ax = plt.subplots(figsize=(6.0, 0.9 + 0.22 * len(ordered)))
+        figure, ax = plt.subplots(figsize=(7.0, 1.2 + 0.22 * len(ordered)))
     else:
         figure = ax.figure
     left = np.zeros(len(ordered))
@@ -202,7 +202,7 @@ def cluster_memberships(fit, ax=None):
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("class probability")
     ax.set_title(f"{fit.method.upper()}: tasks by class")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     figure.tight_layout()
     return figure
 
