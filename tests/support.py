@@ -2,6 +2,9 @@
 
 import contextlib
 import io
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import jax
@@ -73,3 +76,29 @@ def run_main(argv: list[str]) -> SimpleNamespace:
         except SystemExit as exit_info:
             status = exit_info.code
     return SimpleNamespace(status=status, out=out.getvalue(), err=err.getvalue())
+
+
+def cli_fit_predict_score(tmp_path, frame: pd.DataFrame, fit_args: list[str], response: str):
+    """``mtl-jax fit`` (``fit_args`` after the CSV), ``predict`` and ``score`` in fresh processes on
+    ``frame``; asserts each exits 0, that ``pred_<response>`` equals the saved fit's ``predict``
+    (rtol 1e-5) and ``loglik`` its ``score`` (rtol 1e-4: float32 CLI against float64 here).
+
+    Returns:
+        ``(saved fit JSON, scored table)``.
+    """
+    from mtl_jax import Fit
+
+    csv, out = tmp_path / "people.csv", tmp_path / "fit.json"
+    frame.to_csv(csv, index=False)
+    run = [sys.executable, "-m", "mtl_jax.cli"]
+    fitted = subprocess.run([*run, "fit", str(csv), *fit_args, "--out", str(out)], capture_output=True, text=True)
+    assert fitted.returncode == 0, fitted.stderr
+    pred, scored = tmp_path / "pred.csv", tmp_path / "scored.csv"
+    done = subprocess.run([*run, "predict", str(out), str(csv), "--out", str(pred)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(pd.read_csv(pred)[f"pred_{response}"], Fit.load(out).predict(frame)[:, 0], rtol=1e-5)
+    done = subprocess.run([*run, "score", str(out), str(csv), "--out", str(scored)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(scored)
+    np.testing.assert_allclose(table["loglik"].to_numpy(), Fit.load(out).score(frame), rtol=1e-4)
+    return json.loads(out.read_text()), table

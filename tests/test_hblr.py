@@ -6,8 +6,6 @@ save/load, float32, awkward tasks, the CLI, SVI and NUTS."""
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import equinox as eqx
 import jax
@@ -26,6 +24,7 @@ from mtl_jax.metrics import adjusted_rand_index, roc_auc
 from mtl_jax.models.hblr import HBLR, default_clusters, vb
 from mtl_jax.models.hblr.vb import HBLRParams
 from mtl_jax.models.protocol import model_class
+from support import cli_fit_predict_score
 
 TRUE_W = np.array([0.0, 2.0, -2.0, 1.0, 0.0])  # intercept, then 4 slopes; cluster 2 has -TRUE_W
 
@@ -373,25 +372,11 @@ def test_non_binary_label_is_refused_naming_the_task():
 # --------------------------------------------------------- 9. CLI, SVI and NUTS
 def test_cli_fit_predict_score(tmp_path):
     frame = cluster_frame(seed=5, tasks=6, train=12, test=4)
-    csv = tmp_path / "people.csv"
-    frame.to_csv(csv, index=False)
-    out = tmp_path / "fit.json"
-    run = [sys.executable, "-m", "mtl_jax.cli"]
-    fitted = subprocess.run([*run, "fit", str(csv), "--model", "hblr", "--task", "user", "--split", "split",
-                             "--method", "vb", "--clusters", "3", "--prior-sd", "1.5", "--alpha-shape", "2",
-                             "--alpha-rate", "2", "--n-init", "2", "--out", str(out)], capture_output=True, text=True)
-    assert fitted.returncode == 0, fitted.stderr
-    saved = json.loads(out.read_text())
+    saved, _ = cli_fit_predict_score(tmp_path, frame, [
+        "--model", "hblr", "--task", "user", "--split", "split", "--method", "vb", "--clusters", "3",
+        "--prior-sd", "1.5", "--alpha-shape", "2", "--alpha-rate", "2", "--n-init", "2"], "y_Label")
     assert saved["model"]["name"] == "hblr" and saved["model"]["config"]["clusters"] == 3
     assert saved["model"]["config"]["prior_sd"] == 1.5 and len(saved["clusters"]["t00"]["probabilities"]) == 3
-    pred = tmp_path / "pred.csv"
-    done = subprocess.run([*run, "predict", str(out), str(csv), "--out", str(pred)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    np.testing.assert_allclose(pd.read_csv(pred)["pred_y_Label"], Fit.load(out).predict(frame)[:, 0], rtol=1e-5)
-    scored = tmp_path / "scored.csv"
-    done = subprocess.run([*run, "score", str(out), str(csv), "--out", str(scored)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    np.testing.assert_allclose(pd.read_csv(scored)["loglik"], Fit.load(out).score(frame), rtol=1e-4)
 
 
 def test_svi_and_nuts_run_and_predict_finitely():

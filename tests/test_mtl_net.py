@@ -19,6 +19,7 @@ from mtl_jax.data.personal import PersonData
 from mtl_jax.infer.task_weighting import gradnorm_weight_gradient, pcgrad_coefficients, renormalise
 from mtl_jax.models.mtl_net import MTLNet, PooledNet
 from mtl_jax.models.mtl_net import network
+from support import cli_fit_predict_score
 
 
 def person_frame(seed=0, people=4, rows=30, q=3, missing_label=0.1):
@@ -200,25 +201,10 @@ def test_svi_and_nuts_fit_the_same_program(data):
 
 def test_cli_fit_predict_score(tmp_path):
     frame = person_frame(seed=5)
-    csv = tmp_path / "people.csv"
-    frame.to_csv(csv, index=False)
-    out = tmp_path / "fit.json"
-    run = [sys.executable, "-m", "mtl_jax.cli"]
-    fitted = subprocess.run([*run, "fit", str(csv), "--model", "mtl-net", "--task", "user_id", "--hidden", "4",
-                             "--method", "map", "--max-steps", "200", "--out", str(out)], capture_output=True, text=True)
-    assert fitted.returncode == 0, fitted.stderr
-    saved = json.loads(out.read_text())
+    saved, table = cli_fit_predict_score(tmp_path, frame, ["--model", "mtl-net", "--task", "user_id", "--hidden", "4",
+                                                           "--method", "map", "--max-steps", "200"], "stress_Label")
     assert saved["model"]["name"] == "mtl-net" and set(saved["task_heads"]) == {f"p{i}" for i in range(4)}
-    pred = tmp_path / "pred.csv"
-    done = subprocess.run([*run, "predict", str(out), str(csv), "--out", str(pred)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    expected = Fit.load(out).predict(frame)[:, 0]
-    np.testing.assert_allclose(pd.read_csv(pred)["pred_stress_Label"], expected, rtol=1e-6)
-    scored = tmp_path / "scored.csv"
-    done = subprocess.run([*run, "score", str(out), str(csv), "--out", str(scored)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    loglik = pd.read_csv(scored)["loglik"].to_numpy()
-    np.testing.assert_allclose(loglik, Fit.load(out).score(frame), rtol=1e-5)  # float32 CLI, float64 here
+    loglik = table["loglik"].to_numpy()
     missing = frame["stress_Label"].isna().to_numpy()
     assert np.all(loglik[missing] == 0.0) and np.all(loglik[~missing] < 0.0)  # a missing label scores nothing
 

@@ -10,9 +10,6 @@ train/validation/test splits, some missing labels) serves every test; its label 
 modality ``b`` only.
 """
 
-import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import jax
@@ -32,6 +29,7 @@ from mtl_jax.models.baselines.common import fit_rows
 from mtl_jax.models.baselines.solvers import pad_by_task
 from mtl_jax.models.mtmkl import MTMKL
 from mtl_jax.models.mtmkl import kernels, solver
+from support import cli_fit_predict_score
 
 COLUMNS = ["a_0", "a_1", "b_0", "b_1", "b_2", "c_0", "c_1"]
 BLOCKS = {"a": slice(0, 2), "b": slice(2, 5), "c": slice(5, 7)}
@@ -310,25 +308,9 @@ def test_options_are_grid_names_of_cv_grid():
 
 
 def test_cli_fit_predict_score(tmp_path):
-    frame = person_frame(seed=5)
-    csv = tmp_path / "people.csv"
-    frame.to_csv(csv, index=False)
-    out = tmp_path / "fit.json"
-    run = [sys.executable, "-m", "mtl_jax.cli"]
-    fitted = subprocess.run([*run, "fit", str(csv), "--model", "mtmkl", "--task", "user_id", "--split", "split",
-                             "--kernel", "linear", "--C", "0.5", "--V", "2", "--regulariser", "pull",
-                             "--method", "map", "--out", str(out)], capture_output=True, text=True)
-    assert fitted.returncode == 0, fitted.stderr
-    saved = json.loads(out.read_text())
+    saved, table = cli_fit_predict_score(tmp_path, person_frame(seed=5), [
+        "--model", "mtmkl", "--task", "user_id", "--split", "split", "--kernel", "linear", "--C", "0.5",
+        "--V", "2", "--regulariser", "pull", "--method", "map"], "stress_Label")
     assert saved["model"]["name"] == "mtmkl" and saved["model"]["config"]["C"] == 0.5
     assert set(saved["eta"]) == set(PEOPLE)
-    pred = tmp_path / "pred.csv"
-    done = subprocess.run([*run, "predict", str(out), str(csv), "--out", str(pred)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    np.testing.assert_allclose(pd.read_csv(pred)["pred_stress_Label"], Fit.load(out).predict(frame)[:, 0], rtol=1e-5)
-    scored = tmp_path / "scored.csv"
-    done = subprocess.run([*run, "score", str(out), str(csv), "--out", str(scored)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    table = pd.read_csv(scored)
-    np.testing.assert_allclose(table["loglik"], Fit.load(out).score(frame), rtol=1e-4)
     assert "decision_score" in table.columns

@@ -154,6 +154,10 @@ class MTLNet(PersonModel):
         count = segment_sum(weight, design.task, K)
         return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
+    def _training_rows(self, params: NetParams, design: PersonData, row_weight) -> Float[Array, " K"]:
+        """:math:`m_k`, each task's weighted rows with an observed label."""
+        return segment_sum(row_weight * design.weight, design.task, params.num_tasks)
+
     def penalty(self, params: NetParams, design: PersonData, row_weight) -> Float[Array, ""]:
         """The regulariser :math:`\\lambda R` of the MAP objective (module docstring).
 
@@ -166,7 +170,7 @@ class MTLNet(PersonModel):
         ``None`` and equal :math:`m_k = m`, objective times :math:`m` is the program's negative
         log joint density (less :math:`\\tau`'s prior and constants): MAP is its posterior mode.
         """
-        count = segment_sum(row_weight * design.weight, design.task, params.num_tasks)
+        count = self._training_rows(params, design, row_weight)
         if self.l2_shared is None:
             shared = program.shared_neg_log_prior(self, params) / mean_rows_per_task(count)
         else:
@@ -185,15 +189,15 @@ class MTLNet(PersonModel):
         refitted by :func:`.empirical_bayes.refresh` on the rows weighted by ``row_weight``; else ``params``."""
         if self.l2_task is not None or self.pooled:
             return params
-        weight = row_weight * design.weight
         H = params.population_weight.shape[0]
         if self.l2_shared is None:  # H |u|^2 / (2 s^2 m) + c^2 / (2 s^2 m) = |v|^2 / (2 s^2 m)
-            count = segment_sum(weight, design.task, params.num_tasks)
+            count = self._training_rows(params, design, row_weight)
             precision = jnp.full((H + 1,), 1.0 / (self.prior_scale ** 2 * mean_rows_per_task(count)))
         else:  # l2 |u|^2 = (l2 / H) |v_u|^2, the bias unpenalised
             precision = jnp.append(jnp.full((H,), 2.0 * self.l2_shared / H), 0.0)
         return empirical_bayes.refresh(params, design.X, design.y, design.task, self._binary_rows(params, design),
-                                       weight, self.activation, precision.astype(params.population_weight.dtype))
+                                       row_weight * design.weight, self.activation,
+                                       precision.astype(params.population_weight.dtype))
 
     def split_rows(self, design: PersonData, key: PRNGKeyArray, fraction: float):
         """``(train, validation)`` row weights: the data's own split, or ``fraction`` of each
