@@ -491,6 +491,28 @@ def _lssvm_linear_primal(X, labels, w, gamma, observed):
     return LSSVMFit(y_bar - _dot(mu, v), gamma * w * e)
 
 
+def bordered_kkt_solve(A: Array, labels: Array, inside: Array):
+    r"""The LS-SVM's KKT system :math:`A a + b 1 = y`, :math:`1^T a = 0` over the rows with
+    ``inside = 1``, for :math:`A = K + \Lambda \succ 0` ``[m, m]`` (a padding row: kernel row and
+    column 0, diagonal 1, label 0): by Cholesky, :math:`e = A^{-1}1`, :math:`\nu = A^{-1}y`
+    (one step of iterative refinement), :math:`b = 1^T\nu / 1^Te`, :math:`a = \nu - b e`.
+
+    Returns:
+        ``(a [m] (0 outside), b [], e [m], Cholesky factor of A, 1^T e (1 when it is 0))``:
+        the Hessian in the kernel weights (``"mtmkl"``) reuses the last three; with no row
+        inside, ``a = 0`` and ``b = 0``.
+    """
+    factor = cho_factor(A, lower=True)
+    rhs = jnp.stack([inside, labels], axis=1)
+    sol = cho_solve(factor, rhs)
+    sol = sol + cho_solve(factor, rhs - _dot(A, sol))  # one step of iterative refinement
+    e, nu = sol[:, 0], sol[:, 1]
+    denominator = _dot(inside, e)
+    safe = jnp.where(denominator > 0, denominator, 1.0)
+    b = jnp.where(denominator > 0, _dot(inside, nu) / safe, 0.0)
+    return jnp.where(inside > 0, nu - b * e, 0.0), b, e, factor, safe
+
+
 @functools.partial(jax.jit, static_argnames=("kernel",))
 def lssvm(
     X: ArrayLike,
@@ -569,14 +591,7 @@ def lssvm(
     Xc = jnp.where(observed[:, None], X - mu, 0.0)
     K = _gram(Xc, Xc, kernel, jnp.asarray(bandwidth, dtype)) * (inside[:, None] * inside[None, :])
     A = K + jnp.diag(jnp.where(observed, 1.0 / (gamma * jnp.where(observed, w, 1.0)), 1.0))
-    factor = cho_factor(A, lower=True)
-    rhs = jnp.stack([inside, labels], axis=1)
-    sol = cho_solve(factor, rhs)
-    sol = sol + cho_solve(factor, rhs - _dot(A, sol))  # one step of iterative refinement
-    eta, nu = sol[:, 0], sol[:, 1]
-    denominator = _dot(inside, eta)
-    b = jnp.where(denominator > 0, _dot(inside, nu) / jnp.where(denominator > 0, denominator, 1.0), 0.0)
-    alpha = jnp.where(observed, nu - b * eta, 0.0)
+    alpha, b, _, _, _ = bordered_kkt_solve(A, labels, inside)
     if kernel == "linear":
         b = b - _dot(mu, _dot(Xc.T, alpha))
     return LSSVMFit(b, alpha)

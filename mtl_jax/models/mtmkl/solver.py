@@ -22,7 +22,7 @@ equal (strong duality) to the primal optimum. Its maximiser solves the KKT syste
 :math:`(K_t + \Lambda) a + b 1 = y`, :math:`1^T a = 0`, solved by Cholesky of
 :math:`A = K_t + \Lambda \succ 0`: :math:`\eta = A^{-1}1`, :math:`\nu = A^{-1}y`,
 :math:`b = 1^T\nu / 1^T\eta`, :math:`a = \nu - b\eta` (one step of iterative refinement),
-exactly the system of :func:`mtl_jax.models.baselines.solvers.lssvm` with ``gamma = C``,
+by :func:`mtl_jax.models.baselines.solvers.bordered_kkt_solve`, the solve of ``lssvm`` with ``gamma = C``,
 but on a precomputed kernel. At the optimum :math:`a^T(K_t+\Lambda)a = a^T y`, so
 :math:`D_t = \tfrac12 y^T a`. (The original project writes the same system with
 :math:`\alpha_i = a_i y_i`.)
@@ -116,10 +116,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import cho_factor, cho_solve
+from jax.scipy.linalg import cho_solve
 from jaxtyping import Array, Float
 
-from mtl_jax.models.baselines.solvers import platt_scaling
+from mtl_jax.models.baselines.solvers import bordered_kkt_solve, platt_scaling
 from mtl_jax.models.mtmkl.kernels import scaled_grams
 
 REGULARISERS = ("pull", "similarity")
@@ -194,21 +194,6 @@ def build_problem(Xp, yp, wp, mask, gamma, scale, kind: str, C) -> Problem:
 
 
 # ------------------------------------------------------------- LS-SVM, one task
-def _bordered_solve(kernel, labels, ridge, inside):
-    """``(a, b, e, factor, 1'e)``: the solve of :func:`lssvm_kernel_solve` and what the Hessian reuses
-    (``e = A^{-1} 1`` over the rows, the Cholesky factor of ``A = K + Lambda``)."""
-    A = kernel + jnp.diag(ridge)
-    factor = cho_factor(A, lower=True)
-    rhs = jnp.stack([inside, labels], axis=1)
-    sol = cho_solve(factor, rhs)
-    sol = sol + cho_solve(factor, rhs - _dot(A, sol))  # one step of iterative refinement
-    e, nu = sol[:, 0], sol[:, 1]
-    denominator = _dot(inside, e)
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    b = jnp.where(denominator > 0, _dot(inside, nu) / safe, 0.0)
-    return jnp.where(inside > 0, nu - b * e, 0.0), b, e, factor, safe
-
-
 def lssvm_kernel_solve(kernel: Float[Array, "m m"], labels: Float[Array, " m"], ridge: Float[Array, " m"],
                        inside: Float[Array, " m"]) -> tuple[Array, Array]:
     r"""One task's LS-SVM on a precomputed kernel: ``(a [m], b [])`` of
@@ -216,7 +201,7 @@ def lssvm_kernel_solve(kernel: Float[Array, "m m"], labels: Float[Array, " m"], 
 
     ``kernel`` must be zero in the rows and columns of padding, ``ridge`` 1 there.
     """
-    alpha, b, _, _, _ = _bordered_solve(kernel, labels, ridge, inside)
+    alpha, b, _, _, _ = bordered_kkt_solve(kernel + jnp.diag(ridge), labels, inside)
     return alpha, b
 
 
@@ -295,7 +280,7 @@ def _newton_pieces(kernel, grams, labels, ridge, inside):
     :math:`D_t` is convex), from the same Cholesky factor as the solve (``P`` more
     triangular solves).
     """
-    alpha, b, e, factor, safe = _bordered_solve(kernel, labels, ridge, inside)
+    alpha, b, e, factor, safe = bordered_kkt_solve(kernel + jnp.diag(ridge), labels, inside)
     U = jnp.einsum("pij,j->ip", grams, alpha, precision=_HIGHEST)  # [m, P]
     Ue = _dot(U.T, e)
     H = _dot(U.T, cho_solve(factor, U)) - jnp.outer(Ue, Ue) / safe
