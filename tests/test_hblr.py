@@ -340,6 +340,27 @@ def test_float32_fit_is_finite_and_close_to_float64(synthetic):
     np.testing.assert_allclose(res32.loglik, res64.loglik, rtol=1e-4)
 
 
+def test_float32_in_a_hard_regime_large_tasks_and_steep_boundaries():
+    """3,000 rows per task and slopes 4x the default (near-separable labels): q(W)'s precision
+    sums thousands of rows and xi reaches the tens; float32 keeps the fit of float64."""
+    frame = cluster_frame(seed=11, tasks=4, train=3000, test=0)
+    X = frame[[f"f_x{j}" for j in range(4)]].to_numpy()
+    sign = np.where(frame["user"].str[1:].astype(int) % 2 == 0, 1.0, -1.0)
+    rng = np.random.default_rng(12)
+    frame["y_Label"] = (rng.uniform(size=len(frame)) < 1 / (1 + np.exp(-4.0 * sign * (X @ TRUE_W[1:])))).astype(float)
+    results = {}
+    for dtype in ("float32", "float64"):
+        with jax.enable_x64(dtype == "float64"):
+            data = PersonData.from_dataframe(frame, person="user", split="split")
+            results[dtype] = fit(HBLR(clusters=3), data, method="vb", n_init=1)
+    res32, res64 = results["float32"], results["float64"]
+    assert res32.converged and res64.converged and np.isfinite(res32.loglik)
+    np.testing.assert_allclose(res32.predict(frame), res64.predict(frame), atol=2e-3)
+    np.testing.assert_allclose(res32.loglik, res64.loglik, rtol=1e-4)
+    clusters = [res.task_tables["class_probabilities"].to_numpy().argmax(axis=1) for res in (res32, res64)]
+    assert adjusted_rand_index(*clusters) == 1.0 and adjusted_rand_index(clusters[1], [0, 1, 0, 1]) == 1.0
+
+
 # ----------------------------------------------------------- 8. awkward tasks
 def test_single_class_and_single_row_tasks_stay_finite_and_join_a_cluster():
     frame = cluster_frame(seed=3, tasks=8, train=25, test=0)
