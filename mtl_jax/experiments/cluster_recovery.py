@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from mtl_jax.data.personal import PersonData
+from mtl_jax.experiments.personal import model_entry
 from mtl_jax.infer.fit import fit
 from mtl_jax.metrics import adjusted_rand_index, mean_and_standard_error, task_metrics
-from mtl_jax.models.protocol import model_class
 
 DEFAULT_CONFIG = {
     "experiment": "cluster_recovery",
@@ -84,12 +84,7 @@ def run_cluster_recovery(config: dict, *, progress: bool = True) -> dict:
         test = frame[frame["split"] == "test"]
         results = {}
         for name, options in config["models"].items():
-            options = dict(options or {})
-            registered = options.pop("model", name)
-            method = options.pop("method", "map")
-            backend = options.pop("backend", {})
-            model = model_class(registered)(**{key: tuple(v) if isinstance(v, list) else v
-                                               for key, v in options.items()})
+            model, method, backend = model_entry(name, options)
             fitted = fit(model, data, method=method, seed=int(config["seed"]) + replicate, **backend)
             table = task_metrics(test["y_Label"].to_numpy(), fitted.predict(test)[:, 0], test["task"].to_numpy())
             entry = {"auc_task_mean": float(table.loc["task_mean", "auc"]),

@@ -111,6 +111,17 @@ def ema_frame(train_fraction: float) -> pd.DataFrame:
     return out.drop(columns=["pleasure"])
 
 
+def model_entry(name: str, options: dict | None):
+    """``(model, method, backend options)`` of a config's model entry (module docstring): the
+    label is the registered name unless ``model`` names it; ``method`` defaults to ``"map"``."""
+    options = dict(options or {})
+    registered = options.pop("model", name)
+    method = options.pop("method", "map")
+    backend = options.pop("backend", {})
+    model = model_class(registered)(**{key: tuple(v) if isinstance(v, list) else v for key, v in options.items()})
+    return model, method, backend
+
+
 def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind: str, max_steps: int,
                     seed: int) -> dict:
     """Fit each model on the training rows and score the test rows: per model the pooled and task-mean metrics."""
@@ -119,11 +130,7 @@ def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind:
     labels = data.schema.labels
     results = {}
     for name, options in models.items():
-        options = dict(options or {})
-        registered = options.pop("model", name)
-        method = options.pop("method", "map")
-        backend = options.pop("backend", {})
-        model = model_class(registered)(**{key: tuple(v) if isinstance(v, list) else v for key, v in options.items()})
+        model, method, backend = model_entry(name, options)
         start = time.perf_counter()
         training = {"max_steps": max_steps} if method == "map" and not hasattr(model, "solve") else {}
         fitted = fit(model, data, method=method, seed=seed, **{**training, **backend})
