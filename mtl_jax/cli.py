@@ -57,6 +57,7 @@ import pandas as pd
 import yaml
 
 import mtl_jax
+from mtl_jax.infer.compile_clock import enable_persistent_cache
 from mtl_jax.infer.fit import BACKEND_OPTIONS, BACKENDS, FitWarning, fit
 from mtl_jax.infer.results import Fit
 from mtl_jax.infer.selection import candidate_models, select_components
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             both after ``mtl-jax: error: <message>`` on stderr.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    enable_persistent_cache()
     parser = _parser(_model_name(argv))
     args = parser.parse_args(argv)
     try:
@@ -237,7 +239,9 @@ def _fit(args: argparse.Namespace) -> None:
         table_path = args.out.with_name(f"{args.out.stem}.selection.json")
         table_path.write_text(json.dumps(selection.to_dict(), indent=2))
         print(f"BIC chooses g = {selection.best_components}; table written to {table_path}")
-    print(f"done in {result.timings['fit']:.1f} s: loglik {result.loglik:.4f}, BIC {result.bic:.4f}, "
+    timings = result.timings
+    print(f"done in {timings['fit'] + timings['score']:.1f} s (compile {timings['compile']:.1f} s, "
+          f"run {timings['run']:.1f} s): loglik {result.loglik:.4f}, BIC {result.bic:.4f}, "
           f"converged {result.converged}, n_iter {result.n_iter}")
     print(result.summary().to_string())
     print(f"fit written to {args.out}")

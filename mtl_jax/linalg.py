@@ -100,6 +100,8 @@ are loops of vector operations rather than LAPACK calls (see :func:`cholesky` fo
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -205,6 +207,7 @@ def psd_cholesky(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k
     return cholesky(matrix + diag_embed(jitter))
 
 
+@jax.jit  # called eagerly too (checks, naming): a cached program instead of a new loop body per call
 def cholesky(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
     r"""Lower Cholesky factor :math:`L L^T = M` of small, batched matrices, in plain ``jax.numpy``.
 
@@ -240,6 +243,7 @@ def cholesky(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch k k"]:
     return jax.lax.fori_loop(0, k, column, jnp.zeros_like(matrix))
 
 
+@functools.partial(jax.jit, static_argnames="transpose")  # see cholesky
 def solve_triangular(chol: Float[Array, "*b k k"], rhs: Float[Array, "*b k j"], *, transpose: bool = False):
     r"""Solves :math:`L X = B` (or :math:`L^T X = B`) for lower-triangular ``L``, in plain ``jax.numpy``.
 

@@ -206,3 +206,55 @@ def test_degenerate_data_warn_and_never_report_success(frame):
     assert any("empty" in w or "converge" in w for w in many.warnings)
     tiny = fit(MixtureGLMM(2), encode(frame.groupby("task").head(5).iloc[:10]), "em", n_init=2, max_iter=200)
     assert any("tasks" in w for w in tiny.warnings)
+
+
+def test_timings_split_compile_from_run_and_a_repeat_fit_compiles_nothing(fitted, frame):
+    timings = fitted.timings
+    assert timings["compile"] + timings["run"] == pytest.approx(timings["fit"] + timings["score"], rel=1e-9)
+    assert timings["compile"] > timings["run"] > 0  # a first fit of a tiny data set is mostly compilation
+    again = fit(MixtureGLMM(num_components=2), encode(frame), "em", seed=1, n_init=2, max_iter=200)
+    assert again.timings["compile"] == 0.0  # every program (EM, score, standard errors, tables) is cached
+    assert again.loglik == fitted.loglik
+
+
+def test_compile_clock_counts_only_compilation():
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_jax.infer.compile_clock import CompileClock
+
+    @jax.jit
+    def cube_sum(x):
+        return jnp.sum(x ** 3)
+
+    x = jnp.arange(5.0)
+    with CompileClock() as first:
+        assert float(cube_sum(x)) == 100.0
+    with CompileClock() as second:
+        cube_sum(x).block_until_ready()
+    assert 0 < first.compile_seconds <= first.seconds
+    assert second.compile_seconds == 0.0 and second.run_seconds > 0
+
+
+@pytest.mark.parametrize("setting", ["dir", "off", "default"])
+def test_command_line_compilation_cache_setting(setting, tmp_path):
+    """``MTL_JAX_CACHE_DIR`` moves the command line's cache or turns it off; default under XDG_CACHE_HOME."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    env["MTL_JAX_CACHE_DIR"] = {"dir": str(tmp_path / "mine"), "off": "off"}.get(setting, "")
+    if setting == "default":
+        del env["MTL_JAX_CACHE_DIR"]
+    script = ("import jax, jax.numpy as jnp\n"
+              "from mtl_jax.infer.compile_clock import enable_persistent_cache\n"
+              "print(enable_persistent_cache())\n"
+              "jax.jit(lambda x: x * 2)(jnp.ones(3)).block_until_ready()\n")
+    printed = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                             text=True).stdout.strip()
+    expected = {"dir": tmp_path / "mine", "off": None, "default": tmp_path / "xdg" / "mtl_jax" / "xla"}[setting]
+    assert printed == str(expected)
+    written = sorted(path.parent for path in tmp_path.rglob("*") if path.is_file())
+    assert (set(written) == {expected}) if expected else written == []

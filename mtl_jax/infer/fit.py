@@ -13,7 +13,6 @@ is not numerically sound never says ``converged``.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Callable
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.infer import em, nuts, optimize, svi
+from mtl_jax.infer.compile_clock import CompileClock
 from mtl_jax.infer.results import BackendResult, Fit, float_dtype, posterior_table
 from mtl_jax.models.protocol import supports
 
@@ -72,39 +72,38 @@ def fit(model, data, method: str = "em", *, seed: int = 0, standard_errors: bool
                          f"choose one of {offered}")
     design = model.design(data)
     labels = model.labels(data)
-    start = time.perf_counter()
-    result = BACKENDS[method](model, design, jax.random.key(seed), **options)
-    fitted = time.perf_counter()
-    dtype = float_dtype(design)
-    params = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), result.params)
-    loglik = result.loglik if result.loglik is not None else float(model.score(params, design))
-    num_obs = int(model.num_observations(design))
-    bic = -2.0 * loglik + model.num_parameters(design) * math.log(num_obs)
-    diagnostics = dict(result.diagnostics)
-    problems = []
-    if not result.converged:
-        problems.append(f"{method} did not converge (n_iter {result.n_iter})")
-    if not math.isfinite(loglik):
-        problems.append("the log-likelihood is not finite at the estimate (the Laplace mode was not reached or "
-                        "a task's Hessian is not negative definite)")
-    if hasattr(model, "check"):
-        problems += model.check(params, design, labels)
-    converged = bool(result.converged) and math.isfinite(loglik)
-    if result.draws is not None and not result.iid_draws:
-        r_hat = posterior_table(model, result.draws, labels, iid_draws=False)["r_hat"].to_numpy(dtype=float)
-        max_r_hat = float(np.nanmax(r_hat)) if np.isfinite(r_hat).any() else float("nan")
-        diagnostics["max_r_hat"] = max_r_hat
-        if not max_r_hat < MAX_R_HAT:
-            problems.append(f"max R-hat {max_r_hat:.3f} >= {MAX_R_HAT}: the chains have not mixed")
-        converged = converged and max_r_hat < MAX_R_HAT
-    if standard_errors and method == "em" and hasattr(model, "standard_errors") and converged:
-        diagnostics["standard_errors"] = model.standard_errors(params, design, labels)
-        undefined = sorted(name for name, value in diagnostics["standard_errors"].items() if not math.isfinite(value))
-        if undefined:
-            problems.append(f"standard errors undefined for {undefined[:6]}{' ...' if len(undefined) > 6 else ''}: "
-                            "the observed information is not positive definite at this point")
-    task_tables = model.task_tables(params, design, labels) if hasattr(model, "task_tables") else {}
-    scored = time.perf_counter()
+    with CompileClock() as fit_clock:
+        result = BACKENDS[method](model, design, jax.random.key(seed), **options)
+    with CompileClock() as score_clock:  # scoring, checks, standard errors and task tables
+        dtype = float_dtype(design)
+        params = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), result.params)
+        loglik = result.loglik if result.loglik is not None else float(model.score(params, design))
+        num_obs = int(model.num_observations(design))
+        bic = -2.0 * loglik + model.num_parameters(design) * math.log(num_obs)
+        diagnostics = dict(result.diagnostics)
+        problems = []
+        if not result.converged:
+            problems.append(f"{method} did not converge (n_iter {result.n_iter})")
+        if not math.isfinite(loglik):
+            problems.append("the log-likelihood is not finite at the estimate (the Laplace mode was not reached or "
+                            "a task's Hessian is not negative definite)")
+        if hasattr(model, "check"):
+            problems += model.check(params, design, labels)
+        converged = bool(result.converged) and math.isfinite(loglik)
+        if result.draws is not None and not result.iid_draws:
+            r_hat = posterior_table(model, result.draws, labels, iid_draws=False)["r_hat"].to_numpy(dtype=float)
+            max_r_hat = float(np.nanmax(r_hat)) if np.isfinite(r_hat).any() else float("nan")
+            diagnostics["max_r_hat"] = max_r_hat
+            if not max_r_hat < MAX_R_HAT:
+                problems.append(f"max R-hat {max_r_hat:.3f} >= {MAX_R_HAT}: the chains have not mixed")
+            converged = converged and max_r_hat < MAX_R_HAT
+        if standard_errors and method == "em" and hasattr(model, "standard_errors") and converged:
+            diagnostics["standard_errors"] = model.standard_errors(params, design, labels)
+            undefined = sorted(name for name, value in diagnostics["standard_errors"].items() if not math.isfinite(value))
+            if undefined:
+                problems.append(f"standard errors undefined for {undefined[:6]}{' ...' if len(undefined) > 6 else ''}: "
+                                "the observed information is not positive definite at this point")
+        task_tables = model.task_tables(params, design, labels) if hasattr(model, "task_tables") else {}
     for problem in problems:
         warnings.warn(problem, FitWarning, stacklevel=2)
     return Fit(
@@ -124,5 +123,7 @@ def fit(model, data, method: str = "em", *, seed: int = 0, standard_errors: bool
         task_tables=task_tables,
         diagnostics=diagnostics,
         warnings=problems,
-        timings={"fit": fitted - start, "score": scored - fitted},
+        timings={"fit": fit_clock.seconds, "score": score_clock.seconds,
+                 "compile": fit_clock.compile_seconds + score_clock.compile_seconds,
+                 "run": fit_clock.run_seconds + score_clock.run_seconds},
     )

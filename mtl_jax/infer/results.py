@@ -84,7 +84,10 @@ class Fit:
             ``mixing_sd``, ``class_probabilities``; empty for models without them.
         diagnostics: backend- and model-specific numbers (standard errors, R-hat, ...).
         warnings: problems found in the fit, also issued as :class:`FitWarning`.
-        timings: seconds spent, by phase.
+        timings: seconds spent: ``fit`` (the backend) and ``score`` (scoring, checks,
+            standard errors, task tables), and the same wall time split into ``compile``
+            (JAX tracing, lowering and XLA compilation, or reading the persistent cache)
+            and ``run`` (everything else).
     """
 
     model: Any
