@@ -2,7 +2,7 @@
 
 ::
 
-    mtl-jax run configs/simulation_study.yaml [--out-dir results]
+    mtl-jax run configs/simulation_study.yaml [--out-dir results] [--fresh] [--quiet]
     mtl-jax fit scores.csv --model mixture-glmm --task school --response score \\
         --covariates x1 x2 --components 2 --method em --out fit.json
     mtl-jax fit scores.csv ... --components 1 2 3 4 --method em --out fit.json   # choose g by BIC
@@ -11,7 +11,9 @@
     mtl-jax plot fit.json --kind random-effects --out effects.png
     mtl-jax plot em.json svi.json nuts.json --kind compare --out compare.png
 
-``run`` executes a paper experiment described by a YAML file; ``fit`` fits any
+``run`` executes a paper experiment described by a YAML file, journaling each finished
+unit of work in ``<out-dir>/<config stem>.jsonl`` so that rerunning a killed run resumes
+it (``--fresh`` starts over; ``--quiet`` turns off progress lines and bars); ``fit`` fits any
 registered model (``--model``, default ``mixture-glmm``; each model adds its own options)
 with any of its backends (``--method``) and saves the :class:`mtl_jax.Fit` as JSON
 (format ``mtl_jax.fit/2``); ``predict`` appends ``pred_<response>`` columns to new rows;
@@ -124,6 +126,10 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="YAML file, e.g. configs/simulation_study.yaml")
     run.add_argument("--out-dir", type=Path, default=Path("results"),
                      help="directory for <config name>.json and .png (default: results)")
+    run.add_argument("--fresh", action="store_true",
+                     help="discard the journal <out-dir>/<config name>.jsonl of an earlier run and start over "
+                          "(default: resume, skipping the units it records)")
+    run.add_argument("--quiet", action="store_true", help="no progress lines or bars, no result table")
     run.set_defaults(command=_run)
 
     fit_ = commands.add_parser(
@@ -184,14 +190,20 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    """``mtl-jax run``: runs one experiment and writes ``<out-dir>/<config stem>.json`` (and ``.png``, if it has a figure)."""
+    """``mtl-jax run``: runs one experiment and writes ``<out-dir>/<config stem>.json`` (and ``.png``, if it has a figure).
+
+    Each finished unit of work is journaled in ``<out-dir>/<config stem>.jsonl``; rerunning
+    the same command resumes from it (:mod:`mtl_jax.experiments.checkpoint`).
+    """
     config = yaml.safe_load(args.config.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{args.config} must hold a YAML mapping of settings")
     from mtl_jax.experiments import run_experiment, write_plot, write_results
+    from mtl_jax.experiments.checkpoint import journal_path
 
-    results = run_experiment(config, progress=True)
-    path = write_results(results, args.out_dir / f"{args.config.stem}.json")
+    path = args.out_dir / f"{args.config.stem}.json"
+    results = run_experiment(config, progress=not args.quiet, journal=journal_path(path), resume=not args.fresh)
+    path = write_results(results, path)
     write_plot(config["experiment"], results, path)
 
 

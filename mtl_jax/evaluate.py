@@ -204,6 +204,7 @@ def run_grid(
     out_csv,
     *,
     resume: bool = True,
+    on_start: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     """Cross-validate every grid point, writing each result to ``out_csv`` as it comes.
 
@@ -228,6 +229,9 @@ def run_grid(
         folds: fold id per row ``[n]`` (integers, e.g. from :func:`within_task_folds`).
         out_csv: path of the results file.
         resume: skip evaluations already recorded in ``out_csv``.
+        on_start: called once, before the first evaluation, with the number of
+            evaluations of this grid already recorded in ``out_csv`` (e.g. to start a
+            progress bar there).
 
     Returns:
         The full table, one row per (grid point, fold) in evaluation order: the parameter
@@ -265,6 +269,9 @@ def run_grid(
     if not resume and path.exists():
         path.unlink()
 
+    if on_start is not None:
+        on_start(sum(_row_key(param_names, [_cell(point[name]) for name in param_names], str(fold)) in done
+                     for point in grid_points for fold in fold_ids))
     records = []
     handle = None
     writer = None

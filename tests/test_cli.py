@@ -441,8 +441,8 @@ def test_missing_output_directory_exits_2_before_fitting(data, tmp_path):
 def test_run_passes_config_and_writes_results(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_run_experiment(config, *, progress=True):
-        calls.append((config, progress))
+    def fake_run_experiment(config, *, progress=True, journal=None, resume=True):
+        calls.append((config, progress, journal, resume))
         return {"table": [[1.0, np.float32(2.0)]], "replicates": np.int64(3)}
 
     monkeypatch.setattr(mtl_jax.experiments, "run_experiment", fake_run_experiment, raising=False)
@@ -452,7 +452,7 @@ def test_run_passes_config_and_writes_results(tmp_path, monkeypatch, capsys):
     assert main(["run", str(config), "--out-dir", str(out_dir)]) == 0
 
     assert calls == [
-        ({"experiment": "simulation_study", "components": [2], "tol": 1e-8}, True)
+        ({"experiment": "simulation_study", "components": [2], "tol": 1e-8}, True, out_dir / "tiny.jsonl", True)
     ]
     written = json.loads((out_dir / "tiny.json").read_text())
     assert written == {"table": [[1.0, 2.0]], "replicates": 3}

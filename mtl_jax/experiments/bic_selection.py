@@ -24,6 +24,7 @@ import warnings
 import jax
 import pandas as pd
 
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.common import cast_floats, resolve_dtype, unstack_tree
 from mtl_jax.experiments.table2 import simulate_replicates
 from mtl_jax.infer.fit import FitWarning
@@ -48,7 +49,7 @@ DEFAULT_CONFIG = {
 }
 
 
-def run_bic_selection(config: dict, *, progress: bool = True) -> dict:
+def run_bic_selection(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Run the BIC selection study.
 
     Args:
@@ -59,13 +60,15 @@ def run_bic_selection(config: dict, *, progress: bool = True) -> dict:
             ``tol``, ``seed`` (data from ``fold_in(key(seed), g)``, replicate ``r``'s
             restarts from seed ``seed + r``) and ``dtype``.
         progress: print one line per replicate and the final table.
+        checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
+            default none); a unit is one replicate of one true ``g`` (its ``G_max`` fits).
 
     Returns:
         A JSON-serialisable dict: the resolved ``config``, the ``dtype`` used,
         ``results[str(g)]`` with ``chosen`` (the picked ``g'`` per replicate),
         ``counts`` (``{str(g'): how many replicates picked it}``), ``correct_fraction``,
         ``not_converged`` (fits that did not converge, over all replicates and ``g'``),
-        ``seconds`` (compilation included) and ``selections`` (each replicate's BIC
+        ``seconds`` (the replicates' fits, compilation included) and ``selections`` (each replicate's BIC
         table, :meth:`mtl_jax.Selection.to_dict`); the total ``seconds`` and the printed
         ``table``.
 
@@ -82,31 +85,37 @@ def run_bic_selection(config: dict, *, progress: bool = True) -> dict:
     em_options = dict(n_init=int(config["n_init"]), max_iter=int(config["max_iter"]), tol=float(config["tol"]))
     root = jax.random.key(int(config["seed"]))
     started = time.perf_counter()
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(len(config["true_components"]) * num_replicates, "BIC selection replicates")
+
+    def select(true_g: int, r: int, design) -> dict:
+        """One unit: BIC over ``g' = 1 .. G_max`` on one replicate."""
+        replicate_started = time.perf_counter()
+        with warnings.catch_warnings():  # counted in the tables, not printed per fit
+            warnings.simplefilter("ignore", FitWarning)
+            selection = select_components(MixtureGLMM(num_components=1), design, candidates, "em",
+                                          seed=int(config["seed"]) + r, **em_options)
+        seconds = time.perf_counter() - replicate_started
+        if progress:
+            checkpoint.write(f"true g={true_g} replicate {r + 1}/{num_replicates}: BIC picks "
+                             f"g={selection.best_components} ({seconds:.1f} s)")
+        return {"chosen": selection.best_components, "selection": selection.to_dict(),
+                "not_converged": int((~selection.table["converged"]).sum()), "seconds": seconds}
+
     results = {}
     for true_g in map(int, config["true_components"]):
-        true_started = time.perf_counter()
         studies = simulate_replicates(jax.random.split(jax.random.fold_in(root, true_g), num_replicates), true_g,
                                       int(config["num_tasks"]), int(config["n_per_task"]))
-        chosen, selections, not_converged = [], [], 0
-        for r, design in enumerate(unstack_tree(cast_floats(studies.train, dtype))):
-            replicate_started = time.perf_counter()
-            with warnings.catch_warnings():  # counted in the tables, not printed per fit
-                warnings.simplefilter("ignore", FitWarning)
-                selection = select_components(MixtureGLMM(num_components=1), design, candidates, "em",
-                                              seed=int(config["seed"]) + r, **em_options)
-            chosen.append(selection.best_components)
-            selections.append(selection.to_dict())
-            not_converged += int((~selection.table["converged"]).sum())
-            if progress:
-                print(f"true g={true_g} replicate {r + 1}/{num_replicates}: BIC picks g={chosen[-1]} "
-                      f"({time.perf_counter() - replicate_started:.1f} s)", flush=True)
+        units = [checkpoint.unit(f"g={true_g}/replicate={r}", lambda: select(true_g, r, design))
+                 for r, design in enumerate(unstack_tree(cast_floats(studies.train, dtype)))]
+        chosen = [unit["chosen"] for unit in units]
         results[str(true_g)] = {
             "chosen": chosen,
             "counts": {str(g): chosen.count(g) for g in candidates},
             "correct_fraction": chosen.count(true_g) / num_replicates,
-            "not_converged": not_converged,
-            "seconds": time.perf_counter() - true_started,
-            "selections": selections,
+            "not_converged": sum(unit["not_converged"] for unit in units),
+            "seconds": sum(unit["seconds"] for unit in units),
+            "selections": [unit["selection"] for unit in units],
         }
     output = {
         "experiment": "bic_selection",

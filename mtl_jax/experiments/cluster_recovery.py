@@ -17,10 +17,13 @@ replicate records the smallest distance between two true clusters' coefficients
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
 from mtl_jax.data.personal import PersonData
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.personal import model_entry
 from mtl_jax.infer.fit import fit
 from mtl_jax.metrics import adjusted_rand_index, mean_and_standard_error, task_metrics
@@ -63,10 +66,14 @@ def separation(coefficients: np.ndarray) -> float:
     return float(np.min(distances[~np.eye(len(coefficients), dtype=bool)], initial=np.inf))
 
 
-def run_cluster_recovery(config: dict, *, progress: bool = True) -> dict:
+def run_cluster_recovery(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Run the design of the module docstring; returns per replicate its ``separation`` and per
     model (``models``) the test AUCs (and ARI, clusters used), and a printed table of their
     means (standard errors) over replicates.
+
+    A unit of ``checkpoint`` (:mod:`~mtl_jax.experiments.checkpoint`; default none) is one
+    replicate's fits; every replicate is still simulated (the replicates share one random
+    stream), finished or not.
 
     Raises:
         ValueError: for an unknown setting.
@@ -76,33 +83,43 @@ def run_cluster_recovery(config: dict, *, progress: bool = True) -> dict:
         raise ValueError(f"unknown cluster_recovery settings {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
     config = {**DEFAULT_CONFIG, **config}
     rng = np.random.default_rng(int(config["seed"]))
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(int(config["replicates"]), "cluster recovery replicates")
     replicates = []
     for replicate in range(int(config["replicates"])):
         frame, truth, coefficients = simulate(rng, int(config["clusters"]), int(config["tasks"]), int(config["features"]),
                                 int(config["train_rows"]), int(config["test_rows"]), float(config["coef_sd"]))
-        data = PersonData.from_dataframe(frame, person="task", labels="y_Label", split="split")
-        test = frame[frame["split"] == "test"]
-        results = {}
-        for name, options in config["models"].items():
-            model, method, backend = model_entry(name, options)
-            fitted = fit(model, data, method=method, seed=int(config["seed"]) + replicate, **backend)
-            table = task_metrics(test["y_Label"].to_numpy(), fitted.predict(test)[:, 0], test["task"].to_numpy())
-            entry = {"auc_task_mean": float(table.loc["task_mean", "auc"]),
-                     "auc_pooled": float(table.loc["pooled", "auc"]), "converged": bool(fitted.converged)}
-            if "class_probabilities" in fitted.task_tables:
-                probabilities = fitted.task_tables["class_probabilities"]
-                found = probabilities.loc[[f"t{k:03d}" for k in range(len(truth))]].to_numpy().argmax(axis=1)
-                entry.update(ari=adjusted_rand_index(truth, found), clusters_used=int(len(np.unique(found))))
-            results[name] = entry
-        replicates.append({"separation": separation(coefficients), "models": results})
-        if progress:
-            print(f"replicate {replicate} (separation {replicates[-1]['separation']:.2f}): " + ", ".join(
-                f"{name} AUC {entry['auc_task_mean']:.3f}" + (f" ARI {entry['ari']:.2f}" if "ari" in entry else "")
-                for name, entry in results.items()), flush=True)
+        replicates.append(checkpoint.unit(f"replicate={replicate}", lambda: _replicate(
+            config, replicate, frame, truth, coefficients, checkpoint.write if progress else None)))
     table = summary_table(replicates, list(config["models"]))
     if progress:
         print(table, flush=True)
     return {"experiment": "cluster_recovery", "config": config, "replicates": replicates, "table": table}
+
+
+def _replicate(config: dict, replicate: int, frame: pd.DataFrame, truth: np.ndarray, coefficients: np.ndarray,
+               log: Callable[[str], None] | None) -> dict:
+    """One replicate: ``separation`` and every model fitted and scored; a progress line to ``log`` (when given)."""
+    data = PersonData.from_dataframe(frame, person="task", labels="y_Label", split="split")
+    test = frame[frame["split"] == "test"]
+    results = {}
+    for name, options in config["models"].items():
+        model, method, backend = model_entry(name, options)
+        fitted = fit(model, data, method=method, seed=int(config["seed"]) + replicate, **backend)
+        table = task_metrics(test["y_Label"].to_numpy(), fitted.predict(test)[:, 0], test["task"].to_numpy())
+        entry = {"auc_task_mean": float(table.loc["task_mean", "auc"]),
+                 "auc_pooled": float(table.loc["pooled", "auc"]), "converged": bool(fitted.converged)}
+        if "class_probabilities" in fitted.task_tables:
+            probabilities = fitted.task_tables["class_probabilities"]
+            found = probabilities.loc[[f"t{k:03d}" for k in range(len(truth))]].to_numpy().argmax(axis=1)
+            entry.update(ari=adjusted_rand_index(truth, found), clusters_used=int(len(np.unique(found))))
+        results[name] = entry
+    distance = separation(coefficients)
+    if log is not None:
+        log(f"replicate {replicate} (separation {distance:.2f}): " + ", ".join(
+            f"{name} AUC {entry['auc_task_mean']:.3f}" + (f" ARI {entry['ari']:.2f}" if "ari" in entry else "")
+            for name, entry in results.items()))
+    return {"separation": distance, "models": results}
 
 
 def summary_table(replicates: list[dict], models: list[str]) -> str:

@@ -84,6 +84,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 
 import mtl_jax
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.common import resolve_dtype
 from mtl_jax.infer.fit import FitWarning
 from mtl_jax.metrics import match_components
@@ -386,7 +387,8 @@ def _figure_data(sample: CortisolSample, fitted, num_times: int) -> dict[str, An
 
 
 # ------------------------------------------------------------------ study
-def run_cortisol_study(config: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+def run_cortisol_study(config: dict[str, Any], *, progress: bool = True,
+                       checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Runs the cortisol clustering study over the sensitivity grid.
 
     Trial ``r`` of every cell draws its data from ``fold_in(key(seed), r)`` and starts EM
@@ -400,11 +402,13 @@ def run_cortisol_study(config: dict[str, Any], *, progress: bool = True) -> dict
             ``n_init``, ``max_iter``, ``tol``, the test ``level``, ``seed`` and ``dtype``
             (``"float64"`` switches on ``jax_enable_x64``).
         progress: print a line per trial and the result table.
+        checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
+            default none); a unit is one trial of one grid cell.
 
     Returns:
         A JSON-serialisable dict: the complete ``config``, the ``truth`` (mean curves at
         ``t = 0 .. T-1`` per cluster), ``cells`` (per grid cell: its scales, the per-trial
-        records and their ``summary``, and ``seconds``), ``main`` (the index of the cell
+        records and their ``summary``, and ``seconds``, the sum over its trials), ``main`` (the index of the cell
         with both scales 1), the ``paper`` misclassification, the ``figure`` data of the
         main cell's first trial, the total ``seconds`` and the printed ``table``.
 
@@ -428,30 +432,40 @@ def run_cortisol_study(config: dict[str, Any], *, progress: bool = True) -> dict
                             if cell != (1.0, 1.0)]
     root = jax.random.key(int(config["seed"]))
     started = time.perf_counter()
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(len(cells) * num_trials, "cortisol trials")
+
+    def trial(separation_scale: float, phi_scale: float, params: MixtureParams, r: int) -> dict:
+        """One unit: trial ``r`` of a cell (its record, seconds, and the figure data of the very first)."""
+        trial_started = time.perf_counter()
+        sample = simulate_cortisol(jax.random.fold_in(root, r), params, num_times)
+        record, fitted = _trial(model, sample, int(config["seed"]) + r, config)
+        unit = {"record": record}
+        if (separation_scale, phi_scale, r) == (*cells[0], 0):
+            unit["figure"] = _figure_data(sample, fitted, num_times)
+        if progress:
+            checkpoint.write(f"separation x{separation_scale:g}, phi x{phi_scale:g}, trial {r + 1}/{num_trials}: "
+                             f"misclassified {record['misclassified']}/{num_tasks} (oracle "
+                             f"{record['oracle_misclassification'] * num_tasks:.0f}), phi = "
+                             f"{', '.join(f'{v:.2f}' for v in record['phi'])}, converged {record['converged']} "
+                             f"({record['n_iter']} iterations)")
+        return {**unit, "seconds": time.perf_counter() - trial_started}
+
     results_cells, figure = [], None
-    for separation_scale, phi_scale in cells:
-        cell_started = time.perf_counter()
+    for index, (separation_scale, phi_scale) in enumerate(cells):
         params = true_params(config, num_tasks, separation_scale, phi_scale, dtype)
-        trials = []
-        for r in range(num_trials):
-            sample = simulate_cortisol(jax.random.fold_in(root, r), params, num_times)
-            record, fitted = _trial(model, sample, int(config["seed"]) + r, config)
-            trials.append(record)
-            if figure is None:
-                figure = _figure_data(sample, fitted, num_times)
-            if progress:
-                print(f"separation x{separation_scale:g}, phi x{phi_scale:g}, trial {r + 1}/{num_trials}: "
-                      f"misclassified {record['misclassified']}/{num_tasks} (oracle "
-                      f"{record['oracle_misclassification'] * num_tasks:.0f}), phi = "
-                      f"{', '.join(f'{v:.2f}' for v in record['phi'])}, converged {record['converged']} "
-                      f"({record['n_iter']} iterations)", flush=True)
+        units = [checkpoint.unit(f"cell={index} (separation x{separation_scale:g}, phi x{phi_scale:g})/trial={r}",
+                                 lambda: trial(separation_scale, phi_scale, params, r)) for r in range(num_trials)]
+        trials = [unit["record"] for unit in units]
+        if figure is None and units:
+            figure = units[0].get("figure")
         results_cells.append({
             "separation_scale": separation_scale,
             "phi_scale": phi_scale,
             "true_phi": (phi_scale * np.asarray(config["phi"], dtype=float)).tolist(),
             "trials": trials,
             "summary": _summarise(trials),
-            "seconds": time.perf_counter() - cell_started,
+            "seconds": sum(unit["seconds"] for unit in units),
         })
     t = np.arange(num_times)
     coef = np.array([config["typical_coef"], config["chronic_coef"]], dtype=float)

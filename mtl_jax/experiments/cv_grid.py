@@ -127,6 +127,7 @@ from mtl_jax.data.personal import PersonData
 from mtl_jax.data.settings import data_dir
 from mtl_jax.data.tabular import _label
 from mtl_jax.evaluate import grid, params_key, run_grid, select, within_task_folds
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.infer.fit import FitWarning, fit
 from mtl_jax.infer.optimize import train
 from mtl_jax.metrics import BINARY_COLUMNS, REGRESSION_COLUMNS, task_metrics
@@ -345,8 +346,14 @@ def _settings_guard(path: Path, settings: dict, resume: bool) -> None:
 
 
 # --------------------------------------------------------------------------- runner
-def run_cv_grid(config: dict, *, progress: bool = True) -> dict:
+def run_cv_grid(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Cross-validate a grid, select, refit and test (module docstring).
+
+    The study's units are its evaluations (grid point, fold), recorded in ``out_csv``
+    (:func:`mtl_jax.evaluate.run_grid`, which flushes and fsyncs every row and drops a row
+    cut short) rather than in ``checkpoint``'s journal; ``checkpoint`` draws the progress
+    bar, and its ``resume=False`` (``mtl-jax run --fresh``) starts ``out_csv`` afresh as
+    ``resume: false`` does.
 
     Returns:
         A JSON-serialisable dict: ``config`` (with defaults), ``out_csv``, ``split``
@@ -411,21 +418,26 @@ def run_cv_grid(config: dict, *, progress: bool = True) -> dict:
         result.update({column: values.get(task, np.nan) for task, column in task_columns.items()})
         result.update(converged=float(fitted.converged), steps=float(fitted.n_iter), seconds=seconds)
         count[0] += 1
+        checkpoint.tick()
         if progress:
             fold = int(folds[valid_rows[0]])
-            print(f"[{index_of[params_key(params)] + 1}/{len(points)}] {params_key(params)} fold {fold}: "
-                  f"{metric_name} pooled {values['pooled']:.4f}, task mean {values['task_mean']:.4f} "
-                  f"({seconds:.1f} s)", flush=True)
+            checkpoint.write(f"[{index_of[params_key(params)] + 1}/{len(points)}] {params_key(params)} fold {fold}: "
+                             f"{metric_name} pooled {values['pooled']:.4f}, task mean {values['task_mean']:.4f} "
+                             f"({seconds:.1f} s)")
         return result
 
     out_csv = Path(config["out_csv"] or Path("results") / f"{config['name'] or 'cv_grid'}.csv")
     settings = {key: config[key] for key in ("data", "data_options", "split_fraction", "model", "options",
                                              "training", "folds", "seed")}
-    _settings_guard(out_csv, settings, bool(config["resume"]))
+    checkpoint = checkpoint or Checkpoint()
+    resume = bool(config["resume"]) and checkpoint.resume
+    _settings_guard(out_csv, settings, resume)
     if progress:
         print(f"cv_grid: {model_name}, {len(points)} grid points x {config['folds']} folds on {len(cv_frame)} rows "
               f"({len(tasks)} tasks), {len(test_frame)} test rows; results in {out_csv}", flush=True)
-    table = run_grid(evaluate, points, folds, out_csv, resume=bool(config["resume"]))
+    total = len(points) * len(np.unique(folds))
+    table = run_grid(evaluate, points, folds, out_csv, resume=resume,
+                     on_start=lambda done: checkpoint.start(total, "cv_grid evaluations", done=done))
 
     # --------------------------------------------------------------- summary, selection
     pooled_col, mean_col = f"{metric_name}[pooled]", f"{metric_name}[task_mean]"

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mtl_jax.experiments.checkpoint import Checkpoint, show_bars
 from mtl_jax.experiments.common import cast_floats, resolve_dtype, unstack_tree
 from mtl_jax.experiments.table2 import fit_replicates
 from mtl_jax.infer.fit import FitWarning, fit
@@ -146,7 +147,7 @@ def _labels(model: MixtureGLMM, num_tasks: int) -> dict:
     }
 
 
-def run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
+def run_glmm_recovery(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Run the recovery study.
 
     Args:
@@ -157,7 +158,11 @@ def run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
             whose first replicate is also fitted by SVI and NUTS; ``[]`` for none),
             ``num_warmup``, ``num_samples``, ``num_chains`` (NUTS), ``svi_steps``;
             ``seed`` and ``dtype``.
-        progress: print one line per design and the final table.
+        progress: print one line per design and the final table (and NumPyro's
+            progress bars of the SVI and NUTS fits, when stderr is a terminal).
+        checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
+            default none); a unit is one design (its ``R`` EM fits in one vmapped call,
+            and its SVI and NUTS fits).
 
     Returns:
         A JSON-serialisable dict: the resolved ``config``, the ``dtype``, and per design
@@ -177,11 +182,16 @@ def run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
     dtype = resolve_dtype(config["dtype"])
     num_tasks, n_per_task, replicates = int(config["num_tasks"]), int(config["n_per_task"]), int(config["replicates"])
     root = jax.random.key(int(config["seed"]))
-    results = {}
-    for index, spec in enumerate(config["designs"]):
+    for spec in config["designs"]:
         bad = set(spec) - _DESIGN_KEYS
         if bad or (spec.get("family"), spec.get("membership")) not in TRUTH:
             raise ValueError(f"design {spec} is not one of {sorted(TRUTH)} (keys {sorted(_DESIGN_KEYS)})")
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(len(config["designs"]), "GLMM recovery designs")
+    bars = show_bars(progress)
+
+    def recover(index: int, spec: dict) -> dict:
+        """One unit: design ``index``'s EM fits, bias table and backend check."""
         start = time.perf_counter()
         model = design_model(spec)
         params = true_params(spec, num_tasks, dtype)
@@ -197,22 +207,31 @@ def run_glmm_recovery(config: dict, *, progress: bool = True) -> dict:
         estimates = [model.relabel(estimate, match_components(estimate.component_coef, params.component_coef))
                      for estimate in unstack_tree(jax.tree_util.tree_map(np.asarray, fits.params))]
         table = _bias_table(model, estimates, truth_names, labels)
-        name = f"{spec['family']}/{spec['membership']}" + ("+slope" if spec.get("random_slope") else "")
         entry = {"table": table.to_dict(orient="index"),
                  "converged_fraction": float(np.mean(np.asarray(fits.converged)))}
         if spec["family"] in config["backend_families"]:
             design0 = jax.tree_util.tree_map(lambda leaf: leaf[0], designs)
-            entry["backends"] = _backend_check(model, design0, estimates[0], labels, config).to_dict(orient="index")
+            entry["backends"] = _backend_check(model, design0, estimates[0], labels, config,
+                                               progress=bars).to_dict(orient="index")
         entry["seconds"] = time.perf_counter() - start
-        results[name] = entry
         if progress:
-            print(f"{name}: {replicates} replicates, converged {entry['converged_fraction']:.0%}, "
-                  f"{entry['seconds']:.1f} s", flush=True)
+            checkpoint.write(f"{design_name(spec)}: {replicates} replicates, converged "
+                             f"{entry['converged_fraction']:.0%}, {entry['seconds']:.1f} s")
+        return entry
+
+    results = {}
+    for index, spec in enumerate(config["designs"]):
+        results[design_name(spec)] = checkpoint.unit(f"{index}:{design_name(spec)}", lambda: recover(index, spec))
     output = {"experiment": "glmm_recovery", "config": config, "dtype": str(dtype), "results": results}
     output["table"] = format_table(output)
     if progress:
         print(output["table"], flush=True)
     return output
+
+
+def design_name(spec: dict) -> str:
+    """A design's name in the results: ``family/membership``, ``+slope`` with a random slope."""
+    return f"{spec['family']}/{spec['membership']}" + ("+slope" if spec.get("random_slope") else "")
 
 
 def _bias_table(model: MixtureGLMM, estimates: list, truth: dict, labels: dict) -> pd.DataFrame:
@@ -229,13 +248,13 @@ def _bias_table(model: MixtureGLMM, estimates: list, truth: dict, labels: dict) 
 
 
 def _backend_check(model: MixtureGLMM, design: MixtureDesign, em_params: MixtureParams, labels: dict,
-                   config: dict) -> pd.DataFrame:
+                   config: dict, *, progress: bool = False) -> pd.DataFrame:
     """SVI and NUTS on one data set, aligned to the EM estimate: per parameter ``z = (EM - mean) / sd``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitWarning)
         nuts = fit(model, design, method="nuts", num_warmup=int(config["num_warmup"]),
-                   num_samples=int(config["num_samples"]), num_chains=int(config["num_chains"]))
-        svi = fit(model, design, method="svi", num_steps=int(config["svi_steps"]))
+                   num_samples=int(config["num_samples"]), num_chains=int(config["num_chains"]), progress=progress)
+        svi = fit(model, design, method="svi", num_steps=int(config["svi_steps"]), progress=progress)
     em_named = model.named_parameters(em_params, labels)
     nuts_named = model.named_parameters(align_draws(model, nuts.draws, em_params), labels, leading=2)
     svi_named = model.named_parameters(align_draws(model, svi.draws, em_params), labels, leading=2)

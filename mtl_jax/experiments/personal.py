@@ -39,6 +39,7 @@ import pandas as pd
 
 from mtl_jax.data.personal import PersonData
 from mtl_jax.data.settings import data_dir
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.infer.fit import fit
 from mtl_jax.metrics import adjusted_rand_index, task_metrics
 from mtl_jax.models.protocol import model_class
@@ -123,38 +124,52 @@ def model_entry(name: str, options: dict | None):
 
 
 def evaluate_models(models: dict, frame: pd.DataFrame, data_options: dict, kind: str, max_steps: int,
-                    seed: int) -> dict:
-    """Fit each model on the training rows and score the test rows: per model the pooled and task-mean metrics."""
+                    seed: int, *, checkpoint: Checkpoint | None = None, unit: str = "") -> dict:
+    """Fit each model on the training rows and score the test rows: per model the pooled and task-mean metrics.
+
+    Each model is one unit of ``checkpoint`` (:mod:`~mtl_jax.experiments.checkpoint`),
+    named ``"<unit>/<model label>"``; a model finished in an earlier run is not fitted again.
+    """
+    checkpoint = checkpoint or Checkpoint()
     data = PersonData.from_dataframe(frame, **data_options)
     test = frame[frame["split"] == "test"]
+    return {name: checkpoint.unit(f"{unit}/{name}", lambda: _evaluate_model(name, options, data, test, data_options,
+                                                                             kind, max_steps, seed))
+            for name, options in models.items()}
+
+
+def _evaluate_model(name: str, options: dict | None, data: PersonData, test: pd.DataFrame, data_options: dict,
+                    kind: str, max_steps: int, seed: int) -> dict:
+    """One model of :func:`evaluate_models`: fitted on ``data``'s training rows, scored on the ``test`` rows."""
     labels = data.schema.labels
-    results = {}
-    for name, options in models.items():
-        model, method, backend = model_entry(name, options)
-        start = time.perf_counter()
-        training = {"max_steps": max_steps} if method == "map" and not hasattr(model, "solve") else {}
-        fitted = fit(model, data, method=method, seed=seed, **{**training, **backend})
-        prediction = fitted.predict(test)
-        if data.schema.tasks == "labels":  # long: one row per (sample, label)
-            y = test[list(labels)].to_numpy().reshape(-1)
-            task = np.tile(np.arange(len(labels)), len(test))
-            table = task_metrics(y, prediction.reshape(-1), task, kind=kind, names=list(labels))
-        else:
-            table = task_metrics(test[labels[0]].to_numpy(), prediction[:, 0], test[data_options["person"]].to_numpy(),
-                                 kind=kind)
-        results[name] = {"pooled": table.loc["pooled"].to_dict(), "task_mean": table.loc["task_mean"].to_dict(),
-                         "per_task": table.drop(index=["pooled", "task_mean"]).to_dict(orient="index"),
-                         "converged": bool(fitted.converged), "method": method,
-                         "seconds": time.perf_counter() - start}
-        if "class_probabilities" in fitted.task_tables:  # a model that clusters the tasks (hblr)
-            probabilities = fitted.task_tables["class_probabilities"]
-            results[name]["clusters"] = dict(zip(probabilities.index.astype(str),
-                                                 (probabilities.to_numpy().argmax(axis=1) + 1).tolist()))
-    return results
+    model, method, backend = model_entry(name, options)
+    start = time.perf_counter()
+    training = {"max_steps": max_steps} if method == "map" and not hasattr(model, "solve") else {}
+    fitted = fit(model, data, method=method, seed=seed, **{**training, **backend})
+    prediction = fitted.predict(test)
+    if data.schema.tasks == "labels":  # long: one row per (sample, label)
+        y = test[list(labels)].to_numpy().reshape(-1)
+        task = np.tile(np.arange(len(labels)), len(test))
+        table = task_metrics(y, prediction.reshape(-1), task, kind=kind, names=list(labels))
+    else:
+        table = task_metrics(test[labels[0]].to_numpy(), prediction[:, 0], test[data_options["person"]].to_numpy(),
+                             kind=kind)
+    result = {"pooled": table.loc["pooled"].to_dict(), "task_mean": table.loc["task_mean"].to_dict(),
+              "per_task": table.drop(index=["pooled", "task_mean"]).to_dict(orient="index"),
+              "converged": bool(fitted.converged), "method": method, "seconds": time.perf_counter() - start}
+    if "class_probabilities" in fitted.task_tables:  # a model that clusters the tasks (hblr)
+        probabilities = fitted.task_tables["class_probabilities"]
+        result["clusters"] = dict(zip(probabilities.index.astype(str),
+                                      (probabilities.to_numpy().argmax(axis=1) + 1).tolist()))
+    return result
 
 
-def run_personal_study(config: dict, *, progress: bool = True) -> dict:
+def run_personal_study(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Run one study of :data:`STUDIES` (module docstring) with the models of ``config``.
+
+    A unit of ``checkpoint`` (:mod:`~mtl_jax.experiments.checkpoint`; default none) is one
+    model's fit and test (landmine: of one training size and repeat; every split is still
+    drawn, finished or not, so the random splits of the others do not change).
 
     Returns:
         ``config``, per setting (landmine: per training size and repeat) the model results
@@ -171,6 +186,9 @@ def run_personal_study(config: dict, *, progress: bool = True) -> dict:
     study, models, seed = config["study"], config["models"], int(config["seed"])
     rng = np.random.default_rng(seed)
     steps = int(config["max_steps"])
+    checkpoint = checkpoint or Checkpoint()
+    settings = len(config["sizes"]) * int(config["repeats"]) if study == "landmine" else 1
+    checkpoint.start(settings * len(models), f"{study} model fits")
     if study == "landmine":
         frame = landmine_frame()
         runs = {}
@@ -179,12 +197,12 @@ def run_personal_study(config: dict, *, progress: bool = True) -> dict:
                 split = landmine_split(frame, int(size), rng)
                 runs[f"{size}/{repeat}"] = evaluate_models(models, split, dict(person="task", labels="label",
                                                            features=[f"x{j}" for j in range(1, 10)], split="split"),
-                                                           "binary", steps, seed + repeat)
+                                                           "binary", steps, seed + repeat, checkpoint=checkpoint,
+                                                           unit=f"{size}/{repeat}")
                 jax.clear_caches()  # each split compiles afresh; a long study would exhaust the memory maps
                 if progress:
-                    print(f"landmine size {size} repeat {repeat}: " + ", ".join(
-                        f"{name} {entry['task_mean']['auc']:.3f}" for name, entry in runs[f"{size}/{repeat}"].items()),
-                        flush=True)
+                    checkpoint.write(f"landmine size {size} repeat {repeat}: " + ", ".join(
+                        f"{name} {entry['task_mean']['auc']:.3f}" for name, entry in runs[f"{size}/{repeat}"].items()))
         output = {"runs": runs, "table": landmine_table(runs, models, config["sizes"])}
         clusters = landmine_cluster_table(runs, models, config["sizes"])
         if clusters is not None:
@@ -194,18 +212,20 @@ def run_personal_study(config: dict, *, progress: bool = True) -> dict:
     elif study == "computer_survey":
         frame = computer_survey_frame()
         output = {"runs": {"holdout": evaluate_models(models, frame, dict(person="person", labels="rating",
-                                                                         split="split"), "regression", steps, seed)}}
+                                                                         split="split"), "regression", steps, seed,
+                                                     checkpoint=checkpoint, unit="holdout")}}
     elif study == "sarcos":
         frame = sarcos_frame(float(config["test_fraction"]), rng)
         torques = [f"tau{j}" for j in range(1, 8)]
         output = {"runs": {"random": evaluate_models(models, frame, dict(person="robot", labels=torques,
                                                                         tasks="labels", split="split"),
-                                                     "regression", steps, seed)}}
+                                                     "regression", steps, seed, checkpoint=checkpoint,
+                                                     unit="random")}}
     elif study == "ema":
         frame = ema_frame(float(config["train_fraction"]))
         output = {"runs": {"time": evaluate_models(models, frame, dict(person="User", labels="high_pleasure_Label",
                                                                       timestamp="Date", split="split"),
-                                                   "binary", steps, seed)}}
+                                                   "binary", steps, seed, checkpoint=checkpoint, unit="time")}}
     else:
         raise ValueError(f"unknown study {study!r}; choose one of {list(STUDIES)}")
     if "table" not in output:

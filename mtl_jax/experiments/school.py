@@ -47,6 +47,7 @@ from mtl_jax.data import (
     load_ilea,
     train_test_split_by_task,
 )
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.common import (
     cast_floats,
     compile_and_run,
@@ -137,7 +138,8 @@ def school_splits(
     ]
 
 
-def run_school_study(config: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+def run_school_study(config: dict[str, Any], *, progress: bool = True,
+                     checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Runs the school-effectiveness study of Table 3.
 
     Split ``s`` uses the seed ``seed + s`` both for the train/test split and for the EM
@@ -153,6 +155,8 @@ def run_school_study(config: dict[str, Any], *, progress: bool = True) -> dict[s
             ``None`` for JAX's current default; ``experiment`` is accepted for
             :func:`mtl_jax.experiments.run_experiment`.
         progress: Whether to print a line per model and the result table.
+        checkpoint: Journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
+            default none). A unit is one model fitted to all splits (one compiled call).
 
     Returns:
         A JSON-serialisable dictionary with the complete ``config``, a ``data`` summary
@@ -196,10 +200,12 @@ def run_school_study(config: dict[str, Any], *, progress: bool = True) -> dict[s
         },
         "models": {},
     }
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(len(config["models"]), "school study models")
     for name in config["models"]:
-        if progress:
-            print(f"{name}: fitting {config['splits']} splits x {config['n_init']} starts", flush=True)
-        summary = _study_model(models[name], pairs, keys, config)
+        if progress and name not in checkpoint.done:
+            checkpoint.write(f"{name}: fitting {config['splits']} splits x {config['n_init']} starts")
+        summary = checkpoint.unit(name, lambda: _study_model(models[name], pairs, keys, config))
         results["models"][name] = {
             "description": MODEL_DESCRIPTIONS[name],
             "paper": dict(zip(("mean", "se"), PAPER_TABLE3[name])),
@@ -207,13 +213,12 @@ def run_school_study(config: dict[str, Any], *, progress: bool = True) -> dict[s
         }
         if progress:
             ev = summary["explained_variance"]
-            print(
+            checkpoint.write(
                 f"{name}: EV {plus_minus(ev, sign=_SIGN)} % "
                 f"(paper {plus_minus(PAPER_TABLE3[name], sign=_SIGN)}), "
                 f"converged {sum(summary['converged'])}/{config['splits']}, "
                 f"{summary['mean_iterations']:.0f} iterations, "
-                f"compile {summary['compile_seconds']:.0f} s, fit {summary['fit_seconds']:.0f} s",
-                flush=True,
+                f"compile {summary['compile_seconds']:.0f} s, fit {summary['fit_seconds']:.0f} s"
             )
     results["table"] = format_table(results)
     if progress:

@@ -78,6 +78,7 @@ import pandas as pd
 from jaxtyping import Array, Float, Int
 
 from mtl_jax.data.sequences import SequenceData
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.common import compile_and_run, plus_minus, resolve_dtype, stack_trees, summarize
 from mtl_jax.experiments.table2 import fit_replicates
 from mtl_jax.models.sequence_lda import (
@@ -292,7 +293,8 @@ def study_models(config: dict[str, Any]) -> dict[str, Any]:
             "oracle": lda}
 
 
-def run_sequence_study(config: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
+def run_sequence_study(config: dict[str, Any], *, progress: bool = True,
+                       checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Runs the synthetic study (module docstring).
 
     Args:
@@ -308,6 +310,10 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True) -> dict
             without ``jax_enable_x64``: the models draw their EM starts in JAX's default
             float, and variational EM cannot mix the two.
         progress: print a line per ``T`` and the result table.
+        checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
+            default none). The units are the per-task HMM fits (shared by every ``T``; a
+            resumed run that still has ``T`` values to do fits them again) and each ``T``
+            (its Sequential LDA and pooled fits and the scores of all four predictors).
 
     Returns:
         A JSON-serialisable dict: the complete ``config``; ``data`` (mean training
@@ -344,10 +350,12 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True) -> dict
     test_length = max(len(s) for sim in sims for task in sim.test for s in task)
     root = jax.random.key(int(config["seed"]))
 
-    timings = []
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(1 + len(grid), "sequence study (per-task fits, then T)")
 
-    def fit(name, designs, T):
-        """EM fits of model ``name`` to a batch of designs (keys from ``T``; ``T = 0``: the per-task fits).
+    def fit(name, designs, T, timings):
+        """EM fits of model ``name`` to a batch of designs (keys from ``T``; ``T = 0``: the per-task fits);
+        appends the batch's timing entry to ``timings``.
 
         The per-task HMMs are fitted as one-task pooled fits (module docstring).
         """
@@ -357,45 +365,69 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True) -> dict
                               designs=designs, keys=keys)
         timings.append({"model": name, "T": T or "all", "fits": int(designs.lengths.shape[0]), **run.timing})
         if progress:
-            print(f"{name} (T = {T or 'each task'}): {designs.lengths.shape[0]} fits, compile "
-                  f"{run.compile_seconds:.0f} s, fit {run.run_seconds:.0f} s", flush=True)
+            checkpoint.write(f"{name} (T = {T or 'each task'}): {designs.lengths.shape[0]} fits, compile "
+                             f"{run.compile_seconds:.0f} s, fit {run.run_seconds:.0f} s")
         return run.output
 
-    # Per-task HMMs: one pooled fit per (batch entry, task) on that task's sequences alone.
-    per_task_designs = stack_trees([sequence_design([task], n_high, train_length, symbols, dtype)
-                                    for sim in sims for task in sim.train])
-    per_task = fit("per-task", per_task_designs, 0)
+    per_task = {}
 
-    def by_task(leaf):
-        return np.asarray(leaf).reshape(len(sims), max_tasks, *leaf.shape[1:])
+    def per_task_fits() -> dict:
+        """Per-task HMMs: one pooled fit per (batch entry, task) on that task's sequences alone.
 
-    per_task_generators = jax.tree_util.tree_map(by_task, per_task.params)
-    per_task_converged, per_task_iterations = by_task(per_task.converged), by_task(per_task.n_iter)
+        Run once per process, when a unit needs them: the ``"per-task"`` unit records their
+        timing; a resumed run with ``T`` values left fits them again (their timing is kept
+        from the first run).
+        """
+        if not per_task:
+            designs = stack_trees([sequence_design([task], n_high, train_length, symbols, dtype)
+                                   for sim in sims for task in sim.train])
+            timing = []
+            fits = fit("per-task", designs, 0, timing)
 
-    scores = {}  # (T, model) -> {"loglik": [B], "accuracy": [B], ...}
-    for T in grid:
+            def by_task(leaf):
+                return np.asarray(leaf).reshape(len(sims), max_tasks, *leaf.shape[1:])
+
+            per_task.update(generators=jax.tree_util.tree_map(by_task, fits.params), converged=by_task(fits.converged),
+                            iterations=by_task(fits.n_iter), timing=timing[0])
+        return per_task
+
+    def scores_of(T: int) -> dict:
+        """The unit of one ``T``: per model the per-batch-entry metrics, and the timings of its fits."""
         train = stack_trees([sequence_design(sim.train[:T], n_high * T, train_length, symbols, dtype)
                              for sim in sims])
         test = stack_trees([sequence_design(sim.test[:T], int(config["test_sequences"]) * T, test_length,
                                             symbols, dtype) for sim in sims])
-        lda, pooled = fit("sequence-lda", train, T), fit("pooled", train, T)
+        timings = []
+        lda, pooled = fit("sequence-lda", train, T, timings), fit("pooled", train, T, timings)
+        fitted_per_task = per_task_fits()
         fitted = {
             "sequence-lda": (lda.params, lda.converged, lda.n_iter),
             "per-task": (PerTaskParams(jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[:, :T]),
-                                                              per_task_generators), pooled.params),
-                         per_task_converged[:, :T].all(axis=1), per_task_iterations[:, :T].mean(axis=1)),
+                                                              fitted_per_task["generators"]), pooled.params),
+                         fitted_per_task["converged"][:, :T].all(axis=1),
+                         fitted_per_task["iterations"][:, :T].mean(axis=1)),
             "pooled": (pooled.params, pooled.converged, pooled.n_iter),
             "oracle": (oracle_params(sims, batch_alpha, T, dtype), None, None),
         }
+        by_model = {}
         for name, (params, converged, n_iter) in fitted.items():
-            scores[T, name] = batch_metrics(models[name], params, test)
+            by_model[name] = batch_metrics(models[name], params, test)
             if converged is not None:
-                scores[T, name]["converged"] = np.asarray(converged)
-                scores[T, name]["n_iter"] = np.asarray(n_iter, float)
+                by_model[name]["converged"] = np.asarray(converged)
+                by_model[name]["n_iter"] = np.asarray(n_iter, float)
+        return {"scores": by_model, "timings": timings}
+
+    timings = [checkpoint.unit("per-task", lambda: per_task_fits()["timing"])]
+    scores = {}  # (T, model) -> {"loglik": [B], "accuracy": [B], ...}
+    for T in grid:
+        unit = checkpoint.unit(f"T={T}", lambda: scores_of(T))
+        timings.extend(unit["timings"])
+        for name, metrics in unit["scores"].items():
+            scores[T, name] = {key: np.asarray(values) for key, values in metrics.items()}
         if progress:
-            print(f"T = {T:>3}: " + ", ".join(
+            checkpoint.write(f"T = {T:>3}: " + ", ".join(
                 f"{name} loglik {scores[T, name]['loglik'].mean():.3f} acc {scores[T, name]['accuracy'].mean():.1f}%"
-                for name in MODELS), flush=True)
+                for name in MODELS))
 
     for T in grid:
         for name in MODELS[:-1]:

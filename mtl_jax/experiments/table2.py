@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.common import (
     cast_floats,
     compile_and_run,
@@ -114,7 +115,7 @@ def fit_replicates(model, designs, keys: jax.Array, *, n_init: int, max_iter: in
     )
 
 
-def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
+def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Run the Table 2 simulation study and compare it with the paper.
 
     Args:
@@ -124,6 +125,9 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
             EM settings ``n_init``, ``max_iter``, ``tol``, and ``dtype`` (``None`` for
             JAX's default float, ``"float32"`` or ``"float64"``).
         progress: print one line per fitted model and the final table.
+        checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
+            default none). A unit is one ``(g, model)`` pair: all ``R`` replicates, fitted
+            in one vmapped call, are the work in flight that a killed run loses.
 
     Returns:
         A JSON-serialisable dict: the resolved ``config``, the ``dtype`` used, the
@@ -145,6 +149,8 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
     dtype = resolve_dtype(config["dtype"])
     num_replicates = int(config["replicates"])
     root = jax.random.key(int(config["seed"]))
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.start(len(config["components"]) * len(config["models"]), "simulation study (g, model)")
     results = {}
     for g in config["components"]:
         g = int(g)
@@ -159,11 +165,10 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
         for name in config["models"]:
             if name not in models:
                 raise ValueError(f"unknown model {name!r} in models; choose from {sorted(models)}")
-            model = models[name]
-            fits, timing = _timed_fit(model, studies.train, fit_keys, config)
-            by_model[name] = {**_score(model, fits, studies), **timing}
+            by_model[name] = checkpoint.unit(f"g={g}/{name}", lambda: _fit_and_score(models[name], studies, fit_keys,
+                                                                                    config))
             if progress:
-                print(_progress_line(g, name, by_model[name], num_replicates), flush=True)
+                checkpoint.write(_progress_line(g, name, by_model[name], num_replicates))
         by_model["oracle"] = _score_oracle(g, studies)
         results[str(g)] = by_model
     output = {
@@ -180,6 +185,12 @@ def run_simulation_study(config: dict, *, progress: bool = True) -> dict:
     if progress:
         print(output["table"], flush=True)
     return output
+
+
+def _fit_and_score(model: MixtureGLMM, studies: SimulatedStudy, keys: jax.Array, config: dict) -> dict:
+    """One model fitted to every replicate: its scores (:func:`_score`) and timings (:func:`_timed_fit`)."""
+    fits, timing = _timed_fit(model, studies.train, keys, config)
+    return {**_score(model, fits, studies), **timing}
 
 
 def _timed_fit(model, designs, keys, config) -> tuple[EMResult, dict]:

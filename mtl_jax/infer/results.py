@@ -380,14 +380,20 @@ def _input_rows(values, encoded) -> np.ndarray:
     return values if rows is None else values[np.asarray(rows)]
 
 
-def to_jsonable(value):
-    """Nested dicts, lists and NumPy/JAX arrays or scalars as plain JSON values (non-finite -> None)."""
+def to_jsonable(value, *, keep_nonfinite: bool = False):
+    """Nested dicts, lists and NumPy/JAX arrays or scalars as plain JSON values.
+
+    Non-finite floats become ``None`` (strict JSON), unless ``keep_nonfinite``: then they
+    stay floats, which Python's :mod:`json` writes as ``NaN``/``Infinity`` and reads back
+    (the study journals of :mod:`mtl_jax.experiments.checkpoint` need the exact values).
+    """
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, keep_nonfinite=keep_nonfinite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, keep_nonfinite=keep_nonfinite) for v in value]
     if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
-        return to_jsonable(np.asarray(value).tolist())  # .tolist() of a 0-d array is a scalar
-    if isinstance(value, float) and not math.isfinite(value):
+        # .tolist() of a 0-d array is a scalar
+        return to_jsonable(np.asarray(value).tolist(), keep_nonfinite=keep_nonfinite)
+    if isinstance(value, float) and not math.isfinite(value) and not keep_nonfinite:
         return None
     return value
