@@ -11,6 +11,13 @@ compile and run time separately, seconds per EM iteration (the run time includes
 final Laplace marginal log-likelihood), the iteration count, the log-likelihood, and the
 peak memory: the process's maximum resident set size and, where the device reports
 them, JAX's device memory statistics.
+
+**Memory-bandwidth floor.** Beside the EM iteration it times, in the same run, one pass
+that reads every byte of the design once (:func:`data_pass`: column sums of ``y``,
+``x_comp``, ``x_mix`` and a per-task count over ``task``), the least any iteration must
+do, and one EM iteration alone (``--iterations`` steps of the compiled
+``MixtureGLMM.em_step`` in a ``lax.fori_loop``, median of ``--repeats``). The ratio
+``em_step / floor`` is how far an iteration is from the memory-bandwidth floor.
 """
 
 from __future__ import annotations
@@ -27,10 +34,29 @@ import jax.numpy as jnp
 import pandas as pd
 
 from mtl_jax.experiments import write_results
-from mtl_jax.experiments.common import compile_and_run, resolve_dtype
+from mtl_jax.experiments.common import compile_and_run, load_average, median_time, resolve_dtype
 from mtl_jax.experiments.simulation import table1_params
 from mtl_jax.infer.em import em_fit
+from mtl_jax.linalg import segment_sum
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM
+
+
+@jax.jit
+def data_pass(design: MixtureDesign):
+    """Read every byte of the design once: column sums of ``y``, ``x_comp``, ``x_mix`` and rows per task."""
+    counts = segment_sum(jnp.ones_like(design.task, design.y.dtype), design.task, design.num_tasks)
+    return design.y.sum(0), design.x_comp.sum(0), design.x_mix.sum(0), counts
+
+
+@functools.partial(jax.jit, static_argnames=("model", "iterations"))
+def em_steps(model, params, design, iterations: int):
+    """``iterations`` EM steps from ``params`` (no stopping rule), in one compiled loop."""
+    return jax.lax.fori_loop(0, iterations, lambda _, prm: model.em_step(prm, design)[0], params)
+
+
+def design_bytes(design: MixtureDesign) -> int:
+    """Bytes of the design's arrays."""
+    return sum(leaf.nbytes for leaf in (design.y, design.x_comp, design.x_mix, design.task))
 
 
 @functools.partial(jax.jit, static_argnames=("num_obs", "num_tasks", "num_components", "random_sizes", "dtype"))
@@ -64,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tol", type=float, default=1e-8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--iterations", type=int, default=10, help="EM steps per timed em_step run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the floor and em_step (median)")
     parser.add_argument("--json", type=Path, default=Path("scaling.json"), help="output file")
     args = parser.parse_args(argv)
 
@@ -85,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = compile_and_run(em_fit, static=static, design=design, key=fit_key)
     result = run.output
     n_iter = int(result.n_iter)
+    model = static["model"]
+    floor_seconds, _ = median_time(lambda: data_pass(design), args.repeats)
+    start_params = model.init(fit_key, design)
+    steps_seconds, _ = median_time(lambda: em_steps(model, start_params, design, args.iterations), args.repeats)
     output = {
         "config": {**vars(args), "json": str(args.json)},
         "dtype": str(dtype),
@@ -94,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "seconds_per_iteration": run.run_seconds / max(n_iter, 1),
         "converged": bool(result.converged),
         "loglik": float(result.loglik),
+        "design_bytes": design_bytes(design),
+        "floor_seconds": floor_seconds,
+        "floor_gb_per_second": design_bytes(design) / floor_seconds / 1e9,
+        "em_step_seconds": steps_seconds / args.iterations,
+        "em_step_over_floor": steps_seconds / args.iterations / floor_seconds,
+        "load_average": load_average(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device_memory_stats": jax.devices()[0].memory_stats(),
     }
@@ -115,6 +153,10 @@ def format_table(output: dict) -> str:
         "run (s)": f"{output['run_seconds']:.2f}",
         "EM iterations": f"{output['iterations']} ({'converged' if output['converged'] else 'not converged'})",
         "s / iteration": f"{output['seconds_per_iteration']:.4f}",
+        "one em_step (s)": f"{output['em_step_seconds']:.4f}",
+        "floor: one pass (s)": f"{output['floor_seconds']:.5f} ({output['design_bytes'] / 1e6:.1f} MB, "
+        f"{output['floor_gb_per_second']:.1f} GB/s)",
+        "em_step / floor": f"{output['em_step_over_floor']:.1f}x",
         "log-likelihood": f"{output['loglik']:.2f}",
         "peak RSS (MB)": f"{output['peak_rss_mb']:.0f}",
     }
