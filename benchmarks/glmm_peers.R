@@ -3,12 +3,15 @@
 #
 #   Rscript --vanilla glmm_peers.R CASE PEER DATA.csv OUT.csv REPEATS N_INIT TOL MAX_ITER SEED
 #
-# DATA.csv has the columns task, x, y, trials, log_exposure. OUT.csv gets two columns,
+# DATA.csv has the columns task, x, y, trials, log_exposure; the cases of the paper's
+# simulation (paper_*, from benchmarks/peers.py) have task, y and the covariates x1, x2, ...
+# OUT.csv gets two columns,
 # name and value: the estimates under the Python side's names (w[h, intercept], w[h, x],
-# sigma2[h], phi[h] or phi[h, label] / phi[h, label1, label2], pi[h]), then loglik,
+# sigma2[h], phi[h] or phi[h, label] / phi[h, label1, label2], pi[h], and u[h, col] the
+# concomitant coefficients of flexmix's class h, class 1 the reference), then loglik,
 # loglik_kind ("marginal": the log-likelihood at the estimate, Laplace for a GLMM;
 # "restricted": the REML criterion, not comparable with ours), converged, iterations and
-# components (flexmix), and the fit time:
+# components (flexmix; for lme4 the optimiser's function evaluations), and the fit time:
 # seconds (median), seconds_min, seconds_max over REPEATS timed calls after one untimed
 # warm-up call, each measured by system.time around the fitting call alone.
 # Every call starts from set.seed(SEED), so the repeats do the same work.
@@ -38,9 +41,23 @@ single_formulas <- list(
 single_families <- list(gaussian_intercept = "gaussian", gaussian_slope = "gaussian", bernoulli = "binomial",
                         binomial = "binomial", poisson = "poisson")
 
+# The paper's simulation: y on every x* column; membership per row (concomitant multinomial
+# on the same columns) without random effects, or per task with a random intercept.
+covariates <- grep("^x", names(data), value = TRUE)
+paper_rhs <- paste(covariates, collapse = " + ")
+
 fitter <- function() {
   if (peer == "flexmix") {
     control <- list(tol = tol, iter.max = max_iter, verbose = 0)
+    if (case == "paper_independence") {
+      return(stepFlexmix(as.formula(paste("y ~", paper_rhs)), data = data, k = 2, nrep = n_init, verbose = FALSE,
+                         control = control, model = FLXMRglm(family = "gaussian"),
+                         concomitant = FLXPmultinom(as.formula(paste("~", paper_rhs)))))
+    }
+    if (case == "paper_mixture_lmm") {
+      return(stepFlexmix(as.formula(paste("y ~", paper_rhs, "| task")), data = data, k = 2, nrep = n_init,
+                         verbose = FALSE, control = control, model = FLXMRlmm(random = ~ 1)))
+    }
     if (case == "mixture_gaussian") {
       return(stepFlexmix(y ~ x | task, data = data, k = 2, nrep = n_init, verbose = FALSE, control = control,
                          model = FLXMRlmm(random = ~ 1)))
@@ -93,8 +110,18 @@ estimates <- function(fit) {
       if (!is.null(p$sigma2)) {
         out[sprintf("sigma2[%d]", h)] <- p$sigma2$Residual
         out <- c(out, phi_names(h, p$sigma2$Random))
+      } else if (!is.null(p$sigma)) {  # FLXMRglm's Gaussian components keep the residual sd
+        out[sprintf("sigma2[%d]", h)] <- p$sigma^2
       }
       out[sprintf("pi[%d]", h)] <- prior(fit)[h]
+    }
+    if (is(fit@concomitant, "FLXPmultinom")) {
+      concomitant <- parameters(fit, which = "concomitant")  # [covariate, class], class 1 zero
+      for (h in 1:k) {
+        names_h <- sprintf("u[%d, %s]", h, ifelse(rownames(concomitant) == "(Intercept)", "intercept",
+                                                    rownames(concomitant)))
+        out[names_h] <- concomitant[, h]
+      }
     }
     return(c(out, components = k, loglik = as.numeric(logLik(fit)), iterations = fit@iter,
              converged = as.numeric(fit@converged)))
@@ -103,7 +130,7 @@ estimates <- function(fit) {
   if (peer == "lme4") {
     out <- c(coef_names(1, fixef(fit)), phi_names(1, plain(VarCorr(fit)$task)))
     if (family == "gaussian") out["sigma2[1]"] <- sigma(fit)^2
-    return(c(out, loglik = as.numeric(logLik(fit)),
+    return(c(out, loglik = as.numeric(logLik(fit)), iterations = fit@optinfo$feval,
              converged = as.numeric(length(fit@optinfo$conv$lme4$messages) == 0)))
   }
   out <- c(coef_names(1, fixef(fit)$cond), phi_names(1, plain(VarCorr(fit)$cond$task)))

@@ -60,7 +60,8 @@ peer's components are matched to ours (Hungarian matching on ``w``, against labe
 switching). A relative difference is ``|ours - peer| / |peer|``; for a covariance
 ``phi[h, a, b]`` the scale is ``sqrt(phi[h, a] phi[h, b])`` of the peer (a difference of
 correlations). The table shows the largest over the fixed effects and proportions
-(``w``, ``pi``) and over the variance components (``sigma2``, ``phi``) apart.
+(``w``, ``pi``, and ``v`` for membership per observation, flexmix's concomitant
+coefficients re-referenced to our last component) and over the variance components (``sigma2``, ``phi``) apart.
 
 Without ``Rscript`` (``--rscript``), or without a peer's R package, that peer is skipped
 with a message and our side still runs. Computation is in float64 (``--dtype float32``
@@ -114,6 +115,7 @@ class Case(NamedTuple):
         phi: ``[g][r][r]`` true covariances of the task effects (``()``: none).
         sigma2: ``[g]`` true residual variances (Gaussian cases).
         class_probabilities: ``[g]`` probabilities of the task classes.
+        covariates: the data's covariate columns (all of them in the model's designs).
     """
 
     name: str
@@ -124,6 +126,7 @@ class Case(NamedTuple):
     phi: tuple = ()
     sigma2: tuple = ()
     class_probabilities: tuple = (1.0,)
+    covariates: tuple[str, ...] = ("x",)
 
 
 _TASK_MIXTURE = dict(num_components=2, covariates=("x",), mixing_covariates=(), membership="task")
@@ -148,8 +151,8 @@ CASES = {case.name: case for case in (
 )}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the cases, print the table, write ``--out``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (``benchmarks/peers.py`` reads its GLMM settings with them too)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=50, help="number of tasks")
     parser.add_argument("--per-task", type=int, default=20, help="rows per task")
@@ -166,7 +169,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="seconds allowed per R call (warm-up and repeats)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="our precision")
     parser.add_argument("--out", type=Path, default=Path("results/glmm_peers.json"), help="output JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the cases, print the table, write ``--out``."""
+    args = build_parser().parse_args(argv)
 
     dtype = resolve_dtype(args.dtype)
     r_setup = probe_r(args.rscript)
@@ -229,9 +237,14 @@ def simulate(case: Case, rng: np.random.Generator, tasks: int, per_task: int) ->
 
 # ---------------------------------------------------------------------------- ours
 def fit_ours(case: Case, frame: pd.DataFrame, args, dtype) -> dict:
-    """Our EM fit of ``case``'s model: compile time, warm seconds per fit, estimates by name."""
+    """Our EM fit of ``case``'s model: compile time, warm seconds per fit (and per iteration), estimates by name.
+
+    With membership per observation the mixing coefficients are kept as ``v[h, col]``; with
+    membership per task (intercepts only) they are reported as the class proportions ``pi[h]``.
+    """
     model = case.model
-    data = TaskData.from_dataframe(frame, task="task", response="y", covariates=["x"], standardize=False,
+    data = TaskData.from_dataframe(frame, task="task", response="y", covariates=list(case.covariates),
+                                   standardize=False,
                                    trials="trials" if model.family == "binomial" else None,
                                    offset="log_exposure" if model.family == "poisson" else None)
     design = cast_floats(model.design(data), dtype)
@@ -240,15 +253,17 @@ def fit_ours(case: Case, frame: pd.DataFrame, args, dtype) -> dict:
     static = dict(model=model, n_init=n_init, max_iter=args.max_iter, tol=args.tol)
     run = compile_and_run(em_fit, static=static, design=design, key=key)
     seconds, result = median_time(lambda: run.compiled(design=design, key=key), args.repeats)
+    per_task = model.membership == "task"
     estimates = {name: float(value) for name, value in model.named_parameters(result.params, model.labels(data)).items()
-                 if not name.startswith("v[")}
-    if model.num_components > 1:  # the class proportions, from the mixing intercepts (last class the reference)
+                 if not (per_task and name.startswith("v["))}
+    if per_task and model.num_components > 1:  # the class proportions, from the mixing intercepts (last class the reference)
         logits = np.append(np.asarray(result.params.mixing_coef, float)[:, 0], 0.0)
         estimates.update({f"pi[{h + 1}]": float(p) for h, p in enumerate(softmax(logits))})
     print(f"{case.name}: ours {seconds:.4f} s per fit ({int(result.n_iter)} iterations, "
           f"compile {run.compile_seconds:.1f} s), loglik {float(result.loglik):.6f}")
     return {"model": repr(model), "n_init": n_init, "compile_seconds": run.compile_seconds,
             "first_run_seconds": run.run_seconds, "seconds_per_fit": seconds, "iterations": int(result.n_iter),
+            "seconds_per_iteration": seconds / max(int(result.n_iter), 1),
             "converged": bool(result.converged), "loglik": float(result.loglik), "estimates": estimates}
 
 
@@ -326,6 +341,20 @@ def relabel(estimates: dict, order: Sequence[int]) -> dict:
     return out
 
 
+def mixing_from_concomitant(estimates: dict, g: int) -> dict:
+    """``estimates`` with a peer's concomitant coefficients ``u[h, col]`` as our ``v[h, col] = u[h, col] - u[g, col]``.
+
+    flexmix's multinomial concomitant model has its own reference class; ours is the last
+    component, so the peer's coefficients are re-referenced after its components are matched.
+    """
+    out = {name: value for name, value in estimates.items() if not name.startswith("u[")}
+    for name, value in estimates.items():
+        match = _NAME.match(name)
+        if match and match["base"] == "u" and int(match["h"]) < g:
+            out[f"v[{match['h']}{match['rest']}]"] = value - estimates[f"u[{g}{match['rest']}]"]
+    return out
+
+
 def component_coefficients(estimates: dict, g: int) -> np.ndarray:
     """``[g, q]`` the ``w[h, col]`` estimates, columns in name order."""
     return np.asarray([[value for name, value in sorted(estimates.items()) if name.startswith(f"w[{h + 1}, ")]
@@ -360,9 +389,9 @@ def compare(case: Case, ours: dict, peer: dict) -> dict:
         order = match_components(component_coefficients(estimates, g), component_coefficients(ours["estimates"], g))
         estimates = relabel(estimates, order)
         peer["matched_order"] = [int(h) + 1 for h in order]
-    peer["estimates"] = estimates
+    peer["estimates"] = estimates = mixing_from_concomitant(estimates, g)
     differences = relative_differences(ours["estimates"], estimates)
-    fixed = [value for name, value in differences.items() if name.startswith(("w[", "pi["))]
+    fixed = [value for name, value in differences.items() if name.startswith(("w[", "v[", "pi["))]
     variance = [value for name, value in differences.items() if name.startswith(("sigma2[", "phi["))]
     peer.update({
         "relative_differences": differences,

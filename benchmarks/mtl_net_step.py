@@ -101,8 +101,8 @@ GOAL = 1.5
 DTYPE = jnp.float32
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--out``; return the results."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (``benchmarks/peers.py`` reads its net settings with them too)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[5000, 50000], help="rows per case")
     parser.add_argument("--tasks", type=int, nargs="+", default=[30, 1000], help="tasks (heads) K per case")
@@ -127,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--param-atol", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/mtl_net_step.json"), help="output JSON file")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags of ``argv`` (``None``: ``sys.argv[1:]``), checked; exits with a usage message when they are not valid."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     sizes = [args.rows, args.tasks, args.features]
     count = max(map(len, sizes))
@@ -136,13 +142,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error("--binary is a fraction in [0, 1]")
     if args.repeats < 1 or args.warmup < 0 or args.scan_steps < 0:
         parser.error("--repeats must be positive, --warmup and --scan-steps non-negative")
-    cases = [tuple(values[i] if len(values) > 1 else values[0] for values in sizes) for i in range(count)]
-    for rows, tasks, features in cases:
+    for rows, tasks, features in cases_of(args):
         if min(rows, tasks, features) < 1 or rows < tasks:
             parser.error(f"need rows >= tasks >= 1 and features >= 1, got {rows} rows, {tasks} tasks")
-
     if args.torch_threads is not None and min(args.torch_threads) < 1:
         parser.error("--torch-threads must be positive")
+    if args.device == "gpu" and not jax_gpus():
+        parser.error("JAX sees no GPU")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--out``; return the results."""
+    args = parse_args(argv)
+    output = measure(args)
+    table = format_table(output)
+    print(table)
+    output["table"] = table
+    write_results(output, args.out)
+    return output
+
+
+def cases_of(args) -> list[tuple[int, int, int]]:
+    """``(rows, tasks, features)`` of each case: one per value of the longest of those flags."""
+    sizes = [args.rows, args.tasks, args.features]
+    return [tuple(values[i] if len(values) > 1 else values[0] for values in sizes) for i in range(max(map(len, sizes)))]
+
+
+def measure(args) -> dict:
+    """Check and time every case of ``args`` (from :func:`parse_args`) on each device; the results without the table."""
     torch, torch_missing = import_torch()
     threads = cpu_threads()
     torch_threads = args.torch_threads or list(dict.fromkeys([threads, 1]))
@@ -154,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             devices["gpu"] = gpus[0]
         else:
             gpu_note = "JAX sees no GPU"
-            if args.device == "gpu":
-                parser.error(gpu_note)
         if args.device == "gpu":
             devices.pop("cpu")
 
@@ -175,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         "cases": [],
     }
-    for index, (rows, tasks, features) in enumerate(cases):
+    for index, (rows, tasks, features) in enumerate(cases_of(args)):
         rng = np.random.default_rng([args.seed, index])
         data = synthetic_data(rng, rows, features, tasks, args.binary)
         case = {"name": f"{rows:,} x {features}, K={tasks:,}, hidden {'-'.join(map(str, args.hidden))}",
@@ -187,10 +213,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                              torch_missing, torch_threads)
         output["cases"].append(case)
     output["environment"]["load_average_end"] = load_average()
-    table = format_table(output)
-    print(table)
-    output["table"] = table
-    write_results(output, args.out)
     return output
 
 

@@ -72,8 +72,8 @@ from mtl_jax.models.sequence_lda.generators import HMM, HMMParams
 GOALS = {"hmmlearn": 8.0, "dynamax": 5.0}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--json``; return the results."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (``benchmarks/peers.py`` reads its sequence settings with them too)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     hmm = parser.add_argument_group("(a) HMM against hmmlearn and dynamax")
     hmm.add_argument("--sequences", type=int, default=2000, help="N sequences")
@@ -99,22 +99,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("sequence_speed.json"), help="output file")
-    args = parser.parse_args(argv)
+    return parser
 
-    dtype = resolve_dtype("float64")  # like the peers, and for the parity checks
-    hmm_rng, lda_rng, scaling_rng = np.random.default_rng(args.seed).spawn(3)
-    lda_key, scaling_key = jax.random.split(jax.random.key(args.seed))
-    output = {
-        "config": {**vars(args), "json": str(args.json)},
-        "dtype": str(dtype),
-        "hmm": hmm_part(args, hmm_rng),
-        "lda": lda_part(args, lda_rng, lda_key),
-        "scaling": scaling_part(args, scaling_rng, scaling_key),
-    }
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--json``; return the results."""
+    args = build_parser().parse_args(argv)
+    output = measure(args)
     table = format_table(output)
     print(table)
     output["table"] = table
     write_results(output, args.json)
+    return output
+
+
+def measure(args, parts: Sequence[str] = ("hmm", "lda", "scaling")) -> dict:
+    """Run the ``parts`` of the benchmark (each from its own seeds, whichever run) under ``args``.
+
+    Returns:
+        ``{"config", "dtype", "hmm", "lda", "scaling"}``, the parts not run left out.
+    """
+    dtype = resolve_dtype("float64")  # like the peers, and for the parity checks
+    hmm_rng, lda_rng, scaling_rng = np.random.default_rng(args.seed).spawn(3)
+    lda_key, scaling_key = jax.random.split(jax.random.key(args.seed))
+    runs = {"hmm": lambda: hmm_part(args, hmm_rng), "lda": lambda: lda_part(args, lda_rng, lda_key),
+            "scaling": lambda: scaling_part(args, scaling_rng, scaling_key)}
+    output = {"config": {**vars(args), "json": str(args.json)}, "dtype": str(dtype)}
+    output.update({part: runs[part]() for part in parts})
     return output
 
 

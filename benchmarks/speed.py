@@ -48,8 +48,8 @@ from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParam
 _LOG_2PI = np.log(2.0 * np.pi)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--json``; return the results."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (``benchmarks/peers.py`` reads its statsmodels settings with them too)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-tasks", type=int, default=10)
     parser.add_argument("--n-per-task", type=int, default=1000)
@@ -61,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--json", type=Path, default=Path("speed.json"), help="output file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``), run the benchmark, write ``--json``; return the results."""
+    args = build_parser().parse_args(argv)
 
     dtype = resolve_dtype(args.dtype)
     data_key, fit_key, lmm_key = jax.random.split(jax.random.key(args.seed), 3)
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "looped_replicates": _rates(looped_seconds, args.replicates, total_iterations),
         "loop_over_vmap_time_ratio": looped_seconds / batched_seconds,
         "numpy_peer": _numpy_peer(args, first, keys[0]),
-        "statsmodels_lmm": _statsmodels_peer(args, lmm_key, dtype),
+        "statsmodels_lmm": statsmodels_peer(args, lmm_key, dtype),
     }
     table = format_table(output)
     print(table)
@@ -270,7 +275,7 @@ def simulate_lmm(key, num_tasks: int, n_per_task: int, dtype) -> MixtureDesign:
     return MixtureDesign(y=y, x_comp=x, x_mix=x, task=task, num_tasks=num_tasks)
 
 
-def _statsmodels_peer(args, key, dtype) -> dict:
+def statsmodels_peer(args, key, dtype) -> dict:
     """Row (e): our REML EM for the linear mixed model against statsmodels ``MixedLM`` REML."""
     try:
         from statsmodels.regression.mixed_linear_model import MixedLM

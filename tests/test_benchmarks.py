@@ -56,7 +56,7 @@ def test_statsmodels_row_is_skipped_without_statsmodels(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_statsmodels)
-    assert "skipped" in load("speed")._statsmodels_peer(None, None, None)
+    assert "skipped" in load("speed").statsmodels_peer(None, None, None)
 
 
 def test_scaling_script(tmp_path):
@@ -277,3 +277,41 @@ def test_hblr_vb_script(tmp_path):
     assert "NumPy loop ms/sweep" in written["table"]
     with pytest.raises(SystemExit):
         module.main(["--no-such-flag"])
+
+
+def test_peers_script(tmp_path):
+    """Tiny sizes and a few rows (the shapes of the tests above, so the compiled fits come from the
+    disk cache): one table and JSON; installed peers give finite ratios and agree, absent ones
+    (here R, always; torch and dynamax where not installed) are skipped with a message."""
+    import importlib.util
+    import math
+
+    path = tmp_path / "peers.json"
+    results = load("peers").main([
+        "--peers", "lme4", "hmm", "torch", "--lmm-tasks", "6", "--lmm-per-task", "5",
+        "--glmm-args=--repeats 1 --rscript no-such-rscript",
+        "--sequence-args=--sequences 30 --length 12 --symbols 4 --states 3 --hmm-iterations 2 --repeats 1",
+        "--net-args=--rows 40 --tasks 3 --features 2 --hidden 4 --repeats 1 --warmup 0 --device cpu --scan-steps 0",
+        "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert written["table"] == results["table"] and written["environment"]["load_average_start"] is not None
+    rows = {row["peer"]: row for row in written["rows"]}
+    assert list(rows) == ["lme4", "hmmlearn", "dynamax", "torch"]
+    absent = {"lme4": True, "hmmlearn": False, "dynamax": importlib.util.find_spec("dynamax") is None,
+              "torch": importlib.util.find_spec("torch") is None}
+    for peer, row in rows.items():
+        if absent[peer]:
+            assert row["skipped"] and row["ratio"] is None and row["goal_met"] is None, row
+            continue
+        assert "skipped" not in row and "failed" not in row, row
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        assert row["agreement"] and row["agreement_value"] is not None, row
+    assert "Rscript not found" in rows["lme4"]["skipped"] and "skipped: Rscript not found" in results["table"]
+    lme4 = rows["lme4"]["ours"]  # our side runs without the peer
+    assert lme4["seconds_per_fit"] > 0 and lme4["iterations"] > 0 and lme4["compile_seconds"] > 0
+    assert rows["lme4"]["basis"] == "fit" and rows["lme4"]["goal"] is None  # the goal is set at K = 10^5
+    # One Baum-Welch step from the same start: hmmlearn's parameters and log-likelihoods.
+    assert rows["hmmlearn"]["basis"] == "iteration" and rows["hmmlearn"]["agreement_value"] < 1e-8
+    assert rows["hmmlearn"]["goal"] == 8.0 and isinstance(rows["hmmlearn"]["goal_met"], bool)
+    with pytest.raises(SystemExit):
+        load("peers").main(["--no-such-flag"])
