@@ -45,6 +45,7 @@ from mtl_jax.linalg import (
     psd_solve,
     row_covariance,
     segment_sum,
+    segment_sums,
 )
 from mtl_jax.models.mixture_glmm.likelihood import (
     LOG_2PI,
@@ -181,8 +182,8 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         if update_variance_components:
             lam = (jnp.einsum("ih,ik->hk", a, a) + solution.random_cov.sum(0)) / K
             lam = 0.5 * (lam + lam.T) + model.variance_floor * jnp.eye(g1, dtype=dtype)
-            info = segment_sum(weights, design.task, K)
-            score_at_zero = segment_sum(grads, design.task, K) + jnp.einsum("ihk,ik->ih", info, params.mixing_effects)
+            info, score_at_zero = segment_sums(design.task, K, weights, grads)
+            score_at_zero = score_at_zero + jnp.einsum("ihk,ik->ih", info, params.mixing_effects)
             lam, a = boundary_aware_covariance(lam, a, info, score_at_zero, model.variance_floor)
     return params._replace(mixing_coef=v, mixing_effects=a, mixing_cov=lam), logdet
 

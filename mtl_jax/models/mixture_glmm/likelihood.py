@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from mtl_jax.linalg import cho_solve, cholesky, psd_cholesky, segment_sum, solve_triangular
+from mtl_jax.linalg import cho_solve, cholesky, psd_cholesky, segment_sum, segment_sums, solve_triangular
 from mtl_jax.models.mixture_glmm.families import Family
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
 
@@ -115,48 +115,69 @@ def newton_ascent(task_value, task_derivatives, u0, steps: int):
     Each step solves :math:`(-\nabla^2 f_i + s_i I)\,\delta_i = \nabla f_i` (the shift
     :math:`s_i` makes the matrix positive definite far from the mode) and halves the step
     of each task until :math:`f_i` does not decrease, so every accepted step is an ascent.
+    Near the mode the gain of a step, half the Newton decrement
+    :math:`\lambda_i = \nabla f_i^T\delta_i`, drowns in the rounding of :math:`f_i`, and
+    comparing values would halve good steps at random; there, in Newton's region of
+    quadratic convergence, :math:`\lambda_i \le \sqrt{\varepsilon}(1 + |f_i|)`, the full
+    step is taken. A task with :math:`\lambda_i \le 16\varepsilon(1 + |f_i|)` is at its
+    mode and takes no more steps; the ascent stops when every task is there (a few steps
+    from the BLUPs), or after ``steps`` steps.
 
     Args:
         task_value: ``u [K, r] -> [K]``.
         task_derivatives: ``u [K, r] -> (grad [K, r], hess [K, r, r])``.
         u0: start ``[K, r]``.
-        steps: Newton steps (static).
+        steps: most Newton steps (static).
 
     Returns:
-        ``(u, decrement)``: the end point and the Newton decrement
-        :math:`\nabla f_i^T\delta_i` there ``[K]`` (zero at a mode).
+        ``(u, decrement)``: the end point and the Newton decrement there ``[K]`` (zero at a mode).
     """
     K, r = u0.shape
     dtype = u0.dtype
+    eps = jnp.finfo(dtype).eps
 
-    def direction(u):
+    def direction(u, value):
+        """The Newton step of every task not yet at its mode (zero for the others), and the decrements."""
         grad, hess = task_derivatives(u)
         neg = -hess
         eig = jnp.linalg.eigvalsh(neg)
         shift = jnp.where(eig[:, 0] > 0, 0.0, 1e-3 * (1.0 + jnp.abs(eig[:, -1])) - eig[:, 0])
         neg_chol = psd_cholesky(neg + shift[:, None, None] * jnp.eye(r, dtype=dtype))
         step = cho_solve(neg_chol, grad[..., None])[..., 0]
-        return step, jnp.einsum("ir,ir->i", grad, step)
+        decrement = jnp.einsum("ir,ir->i", grad, step)
+        moving = ~(jnp.abs(decrement) <= 16 * eps * (1.0 + jnp.abs(value)))
+        return jnp.where(moving[:, None], step, 0.0), decrement
 
-    def newton(_, u):
-        step, _ = direction(u)
-        value = task_value(u)
+    def newton(state):
+        count, u, value, step, decrement = state
+        quadratic = jnp.abs(decrement) <= jnp.sqrt(eps) * (1.0 + jnp.abs(value))
 
-        def halve(state):
-            t, new_value = state
-            t = jnp.where(new_value >= value, t, t / 2)
+        def ascends(new_value):
+            return (new_value >= value) | quadratic
+
+        def halve(halving):
+            t, new_value = halving
+            t = jnp.where(ascends(new_value), t, t / 2)
             return t, task_value(u + t[:, None] * step)
 
-        def needs_halving(state):
-            t, new_value = state
-            return jnp.any(~(new_value >= value) & (t > 2.0**-20))
+        def needs_halving(halving):
+            t, new_value = halving
+            return jnp.any(~ascends(new_value) & (t > 2.0**-20))
 
         t, new_value = jax.lax.while_loop(needs_halving, halve, (jnp.ones((K,), dtype), task_value(u + step)))
-        accept = new_value >= value
-        return jnp.where(accept[:, None], u + t[:, None] * step, u)
+        accept = ascends(new_value) & jnp.isfinite(new_value)
+        u = jnp.where(accept[:, None], u + t[:, None] * step, u)
+        value = jnp.where(accept, new_value, value)
+        return (count + 1, u, value, *direction(u, value))
 
-    u = jax.lax.fori_loop(0, steps, newton, u0)
-    return u, direction(u)[1]
+    def keep_going(state):
+        count, _, _, step, _ = state
+        return (count < steps) & jnp.any(step != 0)
+
+    value = task_value(u0)
+    _, u, _, _, decrement = jax.lax.while_loop(
+        keep_going, newton, (jnp.zeros((), jnp.int32), u0, value, *direction(u0, value)))
+    return u, decrement
 
 
 def _laplace_terms(values, hess, decrement, counts, r: int):
@@ -244,9 +265,8 @@ def laplace_log_marginal(
         return segment_sum(row_value(*rows(u)), task, K + 1)[:K] + prior
 
     def task_derivatives(u):
-        grad = segment_sum(row_grad(*rows(u)), task, K + 1)[:K] - u @ prior_prec
-        hess = segment_sum(row_hess(*rows(u)), task, K + 1)[:K] - prior_prec
-        return grad, hess
+        grad, hess = segment_sums(task, K + 1, row_grad(*rows(u)), row_hess(*rows(u)))
+        return grad[:K] - u @ prior_prec, hess[:K] - prior_prec
 
     parts = ([params.mixing_effects] if use_mixing else []) + (
         [params.component_effects.reshape(K, -1)] if use_component else [])
@@ -356,9 +376,9 @@ def _class_functions(family: Family, design: MixtureDesign, task, K: int, means,
         return segment_sum(jax.vmap(row_loglik)(*rows(u)), task, K + 1)[:K] + prior
 
     def task_derivatives(u):
-        grad = segment_sum(jax.vmap(jax.grad(row_loglik))(*rows(u)), task, K + 1)[:K] - u @ prior_prec
-        hess = segment_sum(jax.vmap(jax.hessian(row_loglik))(*rows(u)), task, K + 1)[:K] - prior_prec
-        return grad, hess
+        grad, hess = segment_sums(task, K + 1, jax.vmap(jax.grad(row_loglik))(*rows(u)),
+                                  jax.vmap(jax.hessian(row_loglik))(*rows(u)))
+        return grad[:K] - u @ prior_prec, hess[:K] - prior_prec
 
     return task_value, task_derivatives
 
@@ -390,9 +410,9 @@ def task_log_proportions(params: MixtureParams, design: MixtureDesign) -> Float[
     logits = mixing_logits(params.mixing_coef, design.x_mix, jnp.zeros(design.x_mix.shape[:1] + (
         params.mixing_coef.shape[0],), design.y.dtype))
     task = jnp.where(design.task < K, design.task, K)
-    counts = segment_sum(jnp.ones_like(design.task, design.y.dtype), task, K + 1)[:K]
-    total = segment_sum(jax.nn.log_softmax(logits, axis=-1), task, K + 1)[:K]
-    return total / jnp.maximum(counts, 1.0)[:, None]
+    counts, total = segment_sums(task, K + 1, jnp.ones_like(design.task, design.y.dtype),
+                                 jax.nn.log_softmax(logits, axis=-1))
+    return total[:K] / jnp.maximum(counts[:K], 1.0)[:, None]
 
 
 # ------------------------------------------------------------- unseen tasks (population)
