@@ -111,6 +111,9 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "cluster_recovery": _run_cluster_recovery,
 }
 
+SHARDED_EXPERIMENTS = frozenset({"simulation_study", "sequence_study", "glmm_recovery"})
+"""Experiments whose batches of fits split over devices (their ``devices`` setting, ``mtl-jax run --devices``)."""
+
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
     "sequence_study": _plot_sequence_study,
     "cortisol_study": _plot_cortisol_study,
@@ -130,11 +133,15 @@ def run_experiment(config: dict, *, progress: bool = True) -> dict:
         The experiment's JSON-serialisable results.
 
     Raises:
-        ValueError: when ``config`` names no experiment or an unknown one.
+        ValueError: when ``config`` names no experiment or an unknown one, or sets
+            ``devices`` for an experiment not in :data:`SHARDED_EXPERIMENTS`.
     """
     name = config.get("experiment")
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    if config.get("devices") is not None and name not in SHARDED_EXPERIMENTS:
+        raise ValueError(f"experiment {name!r} runs on one device: devices (--devices) applies to "
+                         f"{', '.join(sorted(SHARDED_EXPERIMENTS))}")
     return EXPERIMENTS[name](config, progress=progress)
 
 
