@@ -35,7 +35,8 @@ so ``predict`` and ``score`` take it as it is), and write the table beside it as
 is a single fit.
 
 Every backend's options are listed by ``mtl-jax fit --help`` (from
-:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM and VB ``--n-init --max-iter --tol --devices`` (``--devices N`` shards the tasks over N devices); SVI
+:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM and VB ``--n-init --max-iter --tol --devices``
+(``--devices N`` shards the tasks over N devices); SVI
 ``--guide --num-steps --learning-rate --svi-samples --svi-parameterisation``; NUTS
 ``--num-warmup --num-samples --num-chains --target-accept --nuts-parameterisation``. Unset options take the backend's defaults; an option of
 another backend than ``--method`` is an error. Problems of a fit (no convergence, a

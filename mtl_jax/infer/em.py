@@ -142,13 +142,15 @@ def em_fit(
         restart's end point is kept in ``restart_params``.
     """
 
-    step = model.em_step
-    if mesh is not None and mesh.size > 1:
+    sharded = mesh is not None and mesh.size > 1
+    if sharded:
         design = constrain_rows(design, model.num_observations(design), mesh)
 
-        def step(prm, design):
-            new, objective = model.em_step(constrain_tasks(model, prm, mesh), design)
-            return constrain_tasks(model, new, mesh), objective
+    def step(prm, design):
+        if not sharded:
+            return model.em_step(prm, design)
+        new, objective = model.em_step(constrain_tasks(model, prm, mesh), design)
+        return constrain_tasks(model, new, mesh), objective
 
     def one_start(start_key):
         params = model.init(start_key, design) if init_params is None else init_params
@@ -161,7 +163,7 @@ def em_fit(
     ranked = jnp.where(jnp.isfinite(logliks), logliks, -jnp.inf)
     best = jnp.argmax(ranked)
     state = jax.tree_util.tree_map(lambda leaf: leaf[best], states)
-    if mesh is not None and mesh.size > 1:
+    if sharded:
         state = state._replace(params=constrain_tasks(model, state.params, mesh))
     return EMResult(
         params=state.params,
