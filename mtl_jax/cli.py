@@ -2,7 +2,8 @@
 
 ::
 
-    mtl-jax run configs/simulation_study.yaml [--out-dir results] [--fresh] [--quiet]
+    mtl-jax run configs/simulation_study.yaml [--out-dir results] [--fresh] [--quiet] [--devices N]
+    mtl-jax run CONFIG --coordinator HOST:PORT --num-processes N --process-id I   # one per host
     mtl-jax fit scores.csv --model mixture-glmm --task school --response score \\
         --covariates x1 x2 --components 2 --method em --out fit.json
     mtl-jax fit scores.csv ... --components 1 2 3 4 --method em --out fit.json   # choose g by BIC
@@ -13,7 +14,10 @@
 
 ``run`` executes a paper experiment described by a YAML file, journaling each finished
 unit of work in ``<out-dir>/<config stem>.jsonl`` so that rerunning a killed run resumes
-it (``--fresh`` starts over; ``--quiet`` turns off progress lines and bars); ``fit`` fits any
+it (``--fresh`` starts over; ``--quiet`` turns off progress lines and bars); studies that
+vmap their replicates split them over ``--devices N`` (default every device); with
+``--coordinator/--num-processes/--process-id`` a study runs over the devices of several
+processes, process 0 writing the results (no journal then); ``fit`` fits any
 registered model (``--model``, default ``mixture-glmm``; each model adds its own options)
 with any of its backends (``--method``) and saves the :class:`mtl_jax.Fit` as JSON
 (format ``mtl_jax.fit/2``); ``predict`` appends ``pred_<response>`` columns to new rows;
@@ -33,7 +37,8 @@ so ``predict`` and ``score`` take it as it is), and write the table beside it as
 is a single fit.
 
 Every backend's options are listed by ``mtl-jax fit --help`` (from
-:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM and VB ``--n-init --max-iter --tol``; SVI
+:data:`mtl_jax.infer.fit.BACKEND_OPTIONS`): EM and VB ``--n-init --max-iter --tol --devices``
+(``--devices N`` shards the tasks over N devices); SVI
 ``--guide --num-steps --learning-rate --svi-samples --svi-parameterisation``; NUTS
 ``--num-warmup --num-samples --num-chains --target-accept --nuts-parameterisation``. Unset options take the backend's defaults; an option of
 another backend than ``--method`` is an error. Problems of a fit (no convergence, a
@@ -55,6 +60,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import pandas as pd
 import yaml
 
@@ -130,6 +136,15 @@ def _parser(model_name: str) -> argparse.ArgumentParser:
                      help="discard the journal <out-dir>/<config name>.jsonl of an earlier run and start over "
                           "(default: resume, skipping the units it records)")
     run.add_argument("--quiet", action="store_true", help="no progress lines or bars, no result table")
+    run.add_argument("--devices", type=int, metavar="N", default=None,
+                     help="split the study's replicates over N devices (overrides the config's devices:; "
+                          "default: every device JAX sees, over all processes)")
+    hosts = run.add_argument_group("several processes (hosts)",
+                                   "join a jax.distributed run: start the same command once per process; "
+                                   "process 0 writes the results")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     run.set_defaults(command=_run)
 
     fit_ = commands.add_parser(
@@ -200,11 +215,18 @@ def _run(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.config} must hold a YAML mapping of settings")
     from mtl_jax.experiments import run_experiment, write_plot, write_results
     from mtl_jax.experiments.checkpoint import journal_path
+    from mtl_jax.infer.sharding import initialize_distributed
 
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.devices is not None:
+        config["devices"] = args.devices
+    lead = jax.process_index() == 0
     path = args.out_dir / f"{args.config.stem}.json"
-    results = run_experiment(config, progress=not args.quiet, journal=journal_path(path), resume=not args.fresh)
-    path = write_results(results, path)
-    write_plot(config["experiment"], results, path)
+    journal = journal_path(path) if jax.process_count() == 1 else None  # one journal per single-process run
+    results = run_experiment(config, progress=lead and not args.quiet, journal=journal, resume=not args.fresh)
+    if lead:
+        path = write_results(results, path)
+        write_plot(config["experiment"], results, path)
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -284,6 +306,10 @@ def _backend_options(args: argparse.Namespace) -> dict:
             stray.append(f"{flag} (an option of {' and '.join(map(repr, methods))})")
     if stray:
         raise ValueError(f"method {args.method!r} does not take {', '.join(stray)}")
+    if "devices" in options:
+        from mtl_jax.infer.sharding import resolve_devices
+
+        resolve_devices(options["devices"])
     if args.method in ("svi", "nuts", "map"):
         options["progress"] = True
     return options

@@ -1,5 +1,6 @@
-"""Test configuration: float64 for reference parity (float32 tests cast explicitly), and a
-compilation cache on disk shared by the test processes."""
+"""Test configuration: float64 for reference parity (float32 tests cast explicitly), four
+CPU devices for the sharding tests, and a compilation cache on disk shared by the test
+processes."""
 
 import gc
 import os
@@ -13,6 +14,11 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "mtl_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Four CPU devices (one host's cores split four ways) so that the sharded paths run
+# without accelerators; a computation not placed on a mesh still runs on device 0 alone.
+# An environment variable rather than jax.config so that subprocesses get them too.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -115,6 +115,9 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
     "cluster_recovery": _run_cluster_recovery,
 }
 
+SHARDED_EXPERIMENTS = frozenset({"simulation_study", "sequence_study", "glmm_recovery"})
+"""Experiments whose batches of fits split over devices (their ``devices`` setting, ``mtl-jax run --devices``)."""
+
 PLOTS: dict[str, Callable[[dict, Path], Path]] = {
     "sequence_study": _plot_sequence_study,
     "cortisol_study": _plot_cortisol_study,
@@ -141,13 +144,19 @@ def run_experiment(config: dict, *, progress: bool = True, journal: str | Path |
         timings apart).
 
     Raises:
-        ValueError: when ``config`` names no experiment or an unknown one, or ``journal``
-            holds the units of another config.
+        ValueError: when ``config`` names no experiment or an unknown one, sets ``devices``
+            for an experiment not in :data:`SHARDED_EXPERIMENTS`, or ``journal`` holds the
+            units of another config (``devices`` apart: it changes where units run, not what
+            they compute).
     """
     name = config.get("experiment")
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
-    checkpoint = Checkpoint(journal, config, resume=resume, progress=progress)
+    if config.get("devices") is not None and name not in SHARDED_EXPERIMENTS:
+        raise ValueError(f"experiment {name!r} runs on one device: devices (--devices) applies to "
+                         f"{', '.join(sorted(SHARDED_EXPERIMENTS))}")
+    settings = {key: value for key, value in config.items() if key != "devices"}
+    checkpoint = Checkpoint(journal, settings, resume=resume, progress=progress)
     try:
         return EXPERIMENTS[name](config, progress=progress, checkpoint=checkpoint)
     finally:

@@ -137,7 +137,8 @@ class TimedRun(NamedTuple):
 _COMPILED: dict[tuple, Any] = {}
 
 
-def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, **dynamic) -> TimedRun:
+def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, batch_mesh=None,
+                    **dynamic) -> TimedRun:
     """Compile ``jitted`` ahead of time for ``dynamic``, then run it once; time both apart.
 
     ``jitted`` is a ``jax.jit`` function. Its static arguments go in ``static`` and its
@@ -157,12 +158,24 @@ def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, 
         cache: reuse an executable compiled earlier in this process for the same function,
             static arguments and dynamic shapes and dtypes (``compile_seconds`` is then
             about 0); benchmarks that report compile time leave this off.
+        batch_mesh: a device mesh (:func:`mtl_jax.infer.sharding.device_mesh`) over which
+            ``dynamic``, whose leaves share a leading batch axis of size ``R``, are padded
+            and sharded before the run (:func:`~mtl_jax.infer.sharding.place_batch`); the
+            output, whose leaves lead with the same axis, comes back as host arrays of
+            ``R`` elements (:func:`~mtl_jax.infer.sharding.gather_batch`). ``jitted`` must
+            split its work over the same mesh (e.g. with
+            :func:`~mtl_jax.infer.sharding.batch_map`). ``None``: as given.
         **dynamic: the traced arguments, by keyword.
 
     Returns:
         A :class:`TimedRun`.
     """
     static = dict(static or {})
+    if batch_mesh is not None:
+        from mtl_jax.infer.sharding import batch_size, place_batch
+
+        size = batch_size(dynamic)
+        dynamic = place_batch(dynamic, batch_mesh)
     signature = None
     if cache:
         leaves, treedef = jax.tree_util.tree_flatten(dynamic)
@@ -178,10 +191,15 @@ def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, 
             _COMPILED[signature] = compiled
     compiled_at = time.perf_counter()
     output = jax.block_until_ready(compiled(**dynamic))
+    run_seconds = time.perf_counter() - compiled_at
+    if batch_mesh is not None:
+        from mtl_jax.infer.sharding import gather_batch
+
+        output = gather_batch(output, size)
     return TimedRun(
         output=output,
         compile_seconds=compiled_at - start,
-        run_seconds=time.perf_counter() - compiled_at,
+        run_seconds=run_seconds,
         compiled=compiled,
         reused=reused,
     )

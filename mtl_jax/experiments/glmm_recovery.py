@@ -37,7 +37,8 @@ import pandas as pd
 
 from mtl_jax.experiments.checkpoint import Checkpoint, show_bars
 from mtl_jax.experiments.common import cast_floats, resolve_dtype, unstack_tree
-from mtl_jax.experiments.table2 import fit_replicates
+from mtl_jax.experiments.table2 import run_replicates
+from mtl_jax.infer.sharding import resolve_devices
 from mtl_jax.infer.fit import FitWarning, fit
 from mtl_jax.infer.svi import align_draws
 from mtl_jax.metrics import match_components
@@ -83,6 +84,7 @@ DEFAULT_CONFIG = {
     "svi_steps": 4000,
     "seed": 0,
     "dtype": None,
+    "devices": None,
 }
 
 _DESIGN_KEYS = {"family", "membership", "random_slope", "trials"}
@@ -157,7 +159,8 @@ def run_glmm_recovery(config: dict, *, progress: bool = True, checkpoint: Checkp
             EM settings ``n_init``, ``max_iter``, ``tol``; ``backend_families`` (families
             whose first replicate is also fitted by SVI and NUTS; ``[]`` for none),
             ``num_warmup``, ``num_samples``, ``num_chains`` (NUTS), ``svi_steps``;
-            ``seed`` and ``dtype``.
+            ``seed``, ``dtype``, and ``devices`` (how many devices the replicates are
+            split over; ``None``: every device).
         progress: print one line per design and the final table (and NumPyro's
             progress bars of the SVI and NUTS fits, when stderr is a terminal).
         checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
@@ -180,6 +183,7 @@ def run_glmm_recovery(config: dict, *, progress: bool = True, checkpoint: Checkp
         raise ValueError(f"unknown glmm_recovery settings {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
     config = {**DEFAULT_CONFIG, **config}
     dtype = resolve_dtype(config["dtype"])
+    resolve_devices(config["devices"])  # a bad count fails before any work
     num_tasks, n_per_task, replicates = int(config["num_tasks"]), int(config["n_per_task"]), int(config["replicates"])
     root = jax.random.key(int(config["seed"]))
     for spec in config["designs"]:
@@ -200,8 +204,8 @@ def run_glmm_recovery(config: dict, *, progress: bool = True, checkpoint: Checkp
             lambda key: simulate_design(key, model, params, num_tasks, n_per_task, int(spec.get("trials", 1)))
         )(jax.random.split(data_key, replicates))
         designs = cast_floats(designs, dtype)
-        fits = fit_replicates(model, designs, jax.random.split(fit_key, replicates), n_init=int(config["n_init"]),
-                              max_iter=int(config["max_iter"]), tol=float(config["tol"]))
+        fits = run_replicates(model, designs, jax.random.split(fit_key, replicates), devices=config["devices"],
+                              n_init=config["n_init"], max_iter=config["max_iter"], tol=config["tol"]).output
         labels = _labels(model, num_tasks)
         truth_names = model.named_parameters(jax.tree_util.tree_map(np.asarray, params), labels)
         estimates = [model.relabel(estimate, match_components(estimate.component_coef, params.component_coef))

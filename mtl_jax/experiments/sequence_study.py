@@ -79,8 +79,9 @@ from jaxtyping import Array, Float, Int
 
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.experiments.checkpoint import Checkpoint
-from mtl_jax.experiments.common import compile_and_run, plus_minus, resolve_dtype, stack_trees, summarize
-from mtl_jax.experiments.table2 import fit_replicates
+from mtl_jax.experiments.common import plus_minus, resolve_dtype, stack_trees, summarize
+from mtl_jax.experiments.table2 import run_replicates
+from mtl_jax.infer.sharding import resolve_devices
 from mtl_jax.models.sequence_lda import (
     PerTaskParams,
     SequenceLDA,
@@ -113,6 +114,7 @@ DEFAULT_CONFIG = {
     "tol": 1e-6,
     "seed": 0,
     "dtype": "float32",
+    "devices": None,
 }
 """Settings of the study; :func:`run_sequence_study` fills missing keys from here."""
 
@@ -308,7 +310,8 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True,
             ``tol``: EM restarts and stopping rule; ``seed``; ``dtype``: ``"float32"``,
             ``"float64"`` or ``None`` (JAX's default). ``"float32"`` needs a process
             without ``jax_enable_x64``: the models draw their EM starts in JAX's default
-            float, and variational EM cannot mix the two.
+            float, and variational EM cannot mix the two. ``devices``: how many devices
+            each batch of fits is split over (``None``: every device).
         progress: print a line per ``T`` and the result table.
         checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
             default none). The units are the per-task HMM fits (shared by every ``T``; a
@@ -334,6 +337,7 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True,
         raise ValueError(f"unknown sequence_study setting(s) {unknown}; known: {sorted(DEFAULT_CONFIG)}")
     config = {**DEFAULT_CONFIG, **config}
     dtype = resolve_dtype(config["dtype"])
+    resolve_devices(config["devices"])  # a bad count fails before any work
     alphas = [float(a) for a in config["alphas"]]
     grid = sorted(int(t) for t in config["num_tasks"])
     repeats, max_tasks = int(config["repeats"]), max(grid)
@@ -361,8 +365,7 @@ def run_sequence_study(config: dict[str, Any], *, progress: bool = True,
         """
         keys = jax.random.split(jax.random.fold_in(root, T), designs.lengths.shape[0])
         model = models["pooled" if name == "per-task" else name]
-        run = compile_and_run(fit_replicates, static=dict(model=model, **em), cache=True,
-                              designs=designs, keys=keys)
+        run = run_replicates(model, designs, keys, devices=config["devices"], **em)
         timings.append({"model": name, "T": T or "all", "fits": int(designs.lengths.shape[0]), **run.timing})
         if progress:
             checkpoint.write(f"{name} (T = {T or 'each task'}): {designs.lengths.shape[0]} fits, compile "

@@ -27,6 +27,7 @@ import functools
 import jax
 import numpy as np
 import pandas as pd
+from jax.sharding import Mesh
 
 from mtl_jax.experiments.checkpoint import Checkpoint
 from mtl_jax.experiments.common import (
@@ -39,6 +40,7 @@ from mtl_jax.experiments.common import (
 )
 from mtl_jax.experiments.simulation import SimulatedStudy, simulate_study
 from mtl_jax.infer.em import EMResult, em_fit
+from mtl_jax.infer.sharding import batch_map, device_mesh, resolve_devices
 from mtl_jax.metrics import explained_variance, match_components, mean_absolute_bias
 from mtl_jax.models.mixture_glmm import MixtureGLMM
 
@@ -50,6 +52,8 @@ __all__ = [
     "format_table",
     "resolve_dtype",
     "run_simulation_study",
+    "replicate_mesh",
+    "run_replicates",
     "simulate_replicates",
     "study_models",
 ]
@@ -84,6 +88,7 @@ DEFAULT_CONFIG = {
     "max_iter": 500,
     "tol": 1e-8,
     "dtype": None,
+    "devices": None,
 }
 
 _BIASES = ("v", "w", "sigma2", "v_slopes", "w_slopes")
@@ -103,16 +108,19 @@ def simulate_replicates(keys: jax.Array, num_components: int, num_tasks: int, n_
     return jax.vmap(lambda key: simulate_study(key, num_components, num_tasks, n_per_task))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "tol"))
-def fit_replicates(model, designs, keys: jax.Array, *, n_init: int, max_iter: int, tol: float) -> EMResult:
+@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "tol", "mesh"))
+def fit_replicates(model, designs, keys: jax.Array, *, n_init: int, max_iter: int, tol: float,
+                   mesh: Mesh | None = None) -> EMResult:
     """:func:`mtl_jax.infer.em.em_fit` vmapped over replicate designs ``[R, ...]`` and keys ``[R]``.
 
-    All ``R x n_init`` EM runs share one ``lax.while_loop``, which stops when the slowest
-    of them does; each replicate still reports its own iteration count.
+    All ``R x n_init`` EM runs of a device share one ``lax.while_loop``, which stops when
+    the slowest of them does; each replicate still reports its own iteration count. With
+    a ``mesh`` the replicates are split over its devices
+    (:func:`mtl_jax.infer.sharding.batch_map`; ``R`` a multiple of the device count, see
+    :func:`~mtl_jax.infer.sharding.place_batch`), each device running its own loop.
     """
-    return jax.vmap(lambda design, key: em_fit(model, design, key, n_init=n_init, max_iter=max_iter, tol=tol))(
-        designs, keys
-    )
+    fit_one = functools.partial(em_fit, model, n_init=n_init, max_iter=max_iter, tol=tol)
+    return batch_map(fit_one, mesh)(designs, keys)
 
 
 def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
@@ -122,8 +130,10 @@ def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Che
         config: overrides of :data:`DEFAULT_CONFIG`: ``components`` (list of ``g``),
             ``models`` (which of :func:`study_models` to fit), ``replicates`` (``R``),
             ``seed``, ``num_tasks`` (``K``), ``n_per_task``,
-            EM settings ``n_init``, ``max_iter``, ``tol``, and ``dtype`` (``None`` for
-            JAX's default float, ``"float32"`` or ``"float64"``).
+            EM settings ``n_init``, ``max_iter``, ``tol``, ``dtype`` (``None`` for
+            JAX's default float, ``"float32"`` or ``"float64"``), and ``devices``: the
+            number of devices the replicates are split over (``None``: every device,
+            :func:`jax.device_count`; any ``R`` works, padded to a multiple).
         progress: print one line per fitted model and the final table.
         checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
             default none). A unit is one ``(g, model)`` pair: all ``R`` replicates, fitted
@@ -140,13 +150,14 @@ def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Che
         ``seconds_per_replicate`` and ``seconds_per_iteration``.
 
     Raises:
-        ValueError: on an unknown config key or a bad ``dtype``.
+        ValueError: on an unknown config key, a bad ``dtype`` or more ``devices`` than there are.
     """
     unknown = set(config) - set(DEFAULT_CONFIG)
     if unknown:
         raise ValueError(f"unknown simulation_study settings {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
     config = {**DEFAULT_CONFIG, **config}
     dtype = resolve_dtype(config["dtype"])
+    resolve_devices(config["devices"])  # a bad count fails before any work
     num_replicates = int(config["replicates"])
     root = jax.random.key(int(config["seed"]))
     checkpoint = checkpoint or Checkpoint()
@@ -193,10 +204,35 @@ def _fit_and_score(model: MixtureGLMM, studies: SimulatedStudy, keys: jax.Array,
     return {**_score(model, fits, studies), **timing}
 
 
+def replicate_mesh(devices: int | None, replicates: int) -> Mesh | None:
+    """The mesh a batch of ``replicates`` fits is split over, or ``None`` for one device.
+
+    ``devices`` is a study's setting (``None``: every device, :func:`resolve_devices`);
+    at most one device per replicate is used (rounded down to a multiple of the number of
+    processes), so a small batch is not padded beyond one round.
+    """
+    count = min(resolve_devices(devices), replicates)
+    count = max(count - count % jax.process_count(), jax.process_count())
+    return device_mesh(count) if count > 1 else None
+
+
+def run_replicates(model, designs, keys, *, devices: int | None, n_init: int, max_iter: int, tol: float):
+    """:func:`fit_replicates` compiled (once per model, EM options, mesh and shapes in this
+    process) and run, its replicates split over ``devices`` (:func:`replicate_mesh`).
+
+    Returns:
+        A :class:`~mtl_jax.experiments.common.TimedRun` whose output (host arrays when
+        sharded) has the ``R`` replicates of ``designs``.
+    """
+    mesh = replicate_mesh(devices, len(keys))
+    static = dict(model=model, n_init=int(n_init), max_iter=int(max_iter), tol=float(tol), mesh=mesh)
+    return compile_and_run(fit_replicates, static=static, cache=True, batch_mesh=mesh, designs=designs, keys=keys)
+
+
 def _timed_fit(model, designs, keys, config) -> tuple[EMResult, dict]:
-    """Compile (once per model, EM options and shapes in this process), then run, the replicate fits."""
-    static = dict(model=model, n_init=int(config["n_init"]), max_iter=int(config["max_iter"]), tol=float(config["tol"]))
-    run = compile_and_run(fit_replicates, static=static, cache=True, designs=designs, keys=keys)
+    """The replicate fits (:func:`run_replicates`) and their timings."""
+    run = run_replicates(model, designs, keys, devices=config["devices"], n_init=config["n_init"],
+                         max_iter=config["max_iter"], tol=config["tol"])
     fits = run.output
     n_iter = np.asarray(fits.n_iter)
     return fits, {

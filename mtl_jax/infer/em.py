@@ -16,9 +16,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from mtl_jax.infer.results import BackendResult
+from mtl_jax.infer.sharding import constrain_rows, constrain_tasks, device_mesh, resolve_devices, to_host
 
 
 class EMState(NamedTuple):
@@ -106,7 +108,7 @@ def run_em(step, params, *, max_iter: int, tol: float, watch=None) -> EMState:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "n_init", "max_iter", "tol")
+    jax.jit, static_argnames=("model", "n_init", "max_iter", "tol", "mesh")
 )
 def em_fit(
     model,
@@ -117,6 +119,7 @@ def em_fit(
     max_iter: int = 500,
     tol: float = 1e-8,
     init_params=None,
+    mesh: Mesh | None = None,
 ) -> EMResult:
     """Fit ``model`` by EM from ``n_init`` random starts (vmapped); keep the best.
 
@@ -128,15 +131,30 @@ def em_fit(
         max_iter, tol: EM stopping rule (relative change of the objective).
         init_params: optional start; when given, it is used for every restart
             (``n_init`` is then best left at 1).
+        mesh: a 1-D device mesh (:func:`mtl_jax.infer.sharding.device_mesh`) to shard the
+            tasks over: the design's rows and the per-task parameters are split along it at
+            every EM step, the population-level parameters replicated
+            (:func:`~mtl_jax.infer.sharding.constrain_tasks`); XLA inserts the cross-task
+            reductions. The result equals the unsharded fit up to rounding. ``None``: one device.
 
     Returns:
         The restart with the largest score (non-finite scores never win); every
         restart's end point is kept in ``restart_params``.
     """
 
+    sharded = mesh is not None and mesh.size > 1
+    if sharded:
+        design = constrain_rows(design, model.num_observations(design), mesh)
+
+    def step(prm, design):
+        if not sharded:
+            return model.em_step(prm, design)
+        new, objective = model.em_step(constrain_tasks(model, prm, mesh), design)
+        return constrain_tasks(model, new, mesh), objective
+
     def one_start(start_key):
         params = model.init(start_key, design) if init_params is None else init_params
-        state = run_em(lambda prm: model.em_step(prm, design), params, max_iter=max_iter, tol=tol,
+        state = run_em(lambda prm: step(prm, design), params, max_iter=max_iter, tol=tol,
                        watch=getattr(model, "population", None))
         loglik = model.score(state.params, design)
         return state, loglik
@@ -145,6 +163,8 @@ def em_fit(
     ranked = jnp.where(jnp.isfinite(logliks), logliks, -jnp.inf)
     best = jnp.argmax(ranked)
     state = jax.tree_util.tree_map(lambda leaf: leaf[best], states)
+    if sharded:
+        state = state._replace(params=constrain_tasks(model, state.params, mesh))
     return EMResult(
         params=state.params,
         loglik=logliks[best],
@@ -157,9 +177,16 @@ def em_fit(
 
 
 def run_em_backend(model, design, key, *, n_init: int = 4, max_iter: int = 500, tol: float = 1e-8,
-                   init_params=None) -> BackendResult:
-    """EM through the model's ``init`` / ``em_step`` / ``score`` (see :func:`em_fit`)."""
-    result = em_fit(model, design, key, n_init=n_init, max_iter=max_iter, tol=tol, init_params=init_params)
+                   init_params=None, devices: int = 1) -> BackendResult:
+    """EM through the model's ``init`` / ``em_step`` / ``score`` (see :func:`em_fit`).
+
+    ``devices > 1`` shards the tasks over that many devices (``em_fit``'s ``mesh``).
+    """
+    mesh = device_mesh(devices) if resolve_devices(devices) > 1 else None
+    result = em_fit(model, design, key, n_init=n_init, max_iter=max_iter, tol=tol, init_params=init_params,
+                    mesh=mesh)
+    if mesh is not None:  # every process gets the whole result
+        result = to_host(result._replace(restart_params=None))
     n_iter = int(result.n_iter)
     return BackendResult(
         params=jax.tree_util.tree_map(np.asarray, result.params),
@@ -175,5 +202,7 @@ CLI_OPTIONS = (
     ("--n-init", dict(type=int, metavar="N", help="EM random restarts (default 4)")),
     ("--max-iter", dict(type=int, metavar="N", help="EM iteration limit (default 500)")),
     ("--tol", dict(type=float, metavar="TOL", help="EM relative tolerance (default 1e-8, floored at 10 eps)")),
+    ("--devices", dict(type=int, metavar="N", help="shard the tasks over N devices (default 1; for very many "
+                                                   "tasks; jax.device_count() says how many there are)")),
 )
 """Command-line options of :func:`run_em_backend`."""
