@@ -12,9 +12,10 @@ which extrapolates along the EM path where plain EM crawls (a rate of convergenc
 a large fraction of missing information, e.g. variance components from small tasks). It is
 off by default: it cut the EM steps by 35-70% wherever measured (a REML linear mixed model
 87 -> 29, HBLR VB 51 -> 23, Markov sequence LDA 21 -> 13, the g = 2 mixture GLMM at
-K = 100,000 tasks of 10 rows 67 -> 42), but on the mixture GLMM, whose stopping quantity ``h_A`` plain EM does not raise exactly
-monotonically, it can end at a different stationary point than plain EM (so far always
-with a higher ``h_A``), which would change published results.
+K = 100,000 tasks of 10 rows 67 -> 42), but on the mixture GLMM, whose stopping quantity
+``h_A`` plain EM does not raise exactly monotonically, it can end at a different
+stationary point than plain EM (so far always with a higher ``h_A``), which would change
+published results.
 """
 
 from __future__ import annotations
