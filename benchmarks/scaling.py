@@ -10,7 +10,9 @@ effects drawn from their distributions), fits it once by EM from one start, and 
 compile and run time separately, seconds per EM iteration (the run time includes the
 final Laplace marginal log-likelihood), the iteration count, the log-likelihood, and the
 peak memory: the process's maximum resident set size and, where the device reports
-them, JAX's device memory statistics.
+them, JAX's device memory statistics. ``--acceleration squarem`` fits by SQUAREM
+(:func:`mtl_jax.infer.em.run_squarem`); the iterations are then EM steps, beside the
+accepted cycles and rejected extrapolations.
 
 **Memory-bandwidth floor.** Beside the EM iteration it times, in the same run, one pass
 that reads every byte of the design once (:func:`data_pass`: column sums of ``y``,
@@ -36,7 +38,7 @@ import pandas as pd
 from mtl_jax.experiments import write_results
 from mtl_jax.experiments.common import compile_and_run, load_average, median_time, resolve_dtype
 from mtl_jax.experiments.simulation import table1_params
-from mtl_jax.infer.em import em_fit
+from mtl_jax.infer.em import ACCELERATIONS, em_fit
 from mtl_jax.linalg import segment_sum
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM
 
@@ -88,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--task-sizes", choices=("balanced", "random"), default="balanced")
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--tol", type=float, default=1e-8)
+    parser.add_argument("--acceleration", choices=ACCELERATIONS, default="none",
+                        help="EM acceleration (mtl_jax.infer.em.run_squarem)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--iterations", type=int, default=10, help="EM steps per timed em_step run")
@@ -109,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     )
     generated = time.perf_counter()
-    static = dict(model=MixtureGLMM(args.components), n_init=1, max_iter=args.max_iter, tol=args.tol)
+    static = dict(model=MixtureGLMM(args.components), n_init=1, max_iter=args.max_iter, tol=args.tol,
+                  acceleration=args.acceleration)
     run = compile_and_run(em_fit, static=static, design=design, key=fit_key)
     result = run.output
     n_iter = int(result.n_iter)
@@ -123,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "generate_seconds": generated - start,
         **run.timing,
         "iterations": n_iter,
+        "cycles": int(result.n_cycles),
+        "rejected_extrapolations": int(result.rejected),
+        "objective": float(result.trace[int(result.n_cycles) - 1]),
         "seconds_per_iteration": run.run_seconds / max(n_iter, 1),
         "converged": bool(result.converged),
         "loglik": float(result.loglik),
@@ -152,6 +160,9 @@ def format_table(output: dict) -> str:
         "compile (s)": f"{output['compile_seconds']:.2f}",
         "run (s)": f"{output['run_seconds']:.2f}",
         "EM iterations": f"{output['iterations']} ({'converged' if output['converged'] else 'not converged'})",
+        "acceleration": f"{config['acceleration']} ({output['cycles']} cycles, "
+        f"{output['rejected_extrapolations']} rejected)",
+        "EM objective": f"{output['objective']:.2f}",
         "s / iteration": f"{output['seconds_per_iteration']:.4f}",
         "one em_step (s)": f"{output['em_step_seconds']:.4f}",
         "floor: one pass (s)": f"{output['floor_seconds']:.5f} ({output['design_bytes'] / 1e6:.1f} MB, "

@@ -62,9 +62,10 @@ def test_statsmodels_row_is_skipped_without_statsmodels(monkeypatch):
 def test_scaling_script(tmp_path):
     path = tmp_path / "scaling.json"
     load("scaling").main(["--num-tasks", "20", "--n", "600", "--max-iter", "5", "--task-sizes", "random",
-                          "--iterations", "2", "--repeats", "1", "--json", str(path)])
+                          "--iterations", "2", "--repeats", "1", "--acceleration", "squarem", "--json", str(path)])
     results = json.loads(path.read_text())
     assert results["iterations"] == 5 or results["converged"]
+    assert 1 <= results["cycles"] < results["iterations"] and "squarem" in results["table"]
     for key in ("compile_seconds", "run_seconds", "seconds_per_iteration", "peak_rss_mb"):
         assert results[key] > 0
     assert results["design_bytes"] == 600 * (1 + 5 + 5 + 1) * 4  # y, x_comp, x_mix (float32), task (int32)

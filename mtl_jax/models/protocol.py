@@ -64,6 +64,12 @@ Optional capabilities (checked with ``hasattr``):
     A model whose step is one sweep of closed-form variational Bayes (coordinate ascent
     on an ELBO, which is then the objective) declares ``"vb"`` among its ``methods``
     instead: the same loop runs it.
+``valid(params) -> bool scalar``
+    With ``em_step``: whether ``params`` lies in the parameter space (covariances positive
+    definite, probabilities non-negative, ...). EM's acceleration (``acceleration="squarem"``,
+    :func:`mtl_jax.infer.em.run_squarem`) extrapolates the flattened parameters and rejects
+    an extrapolated point that is not valid; without the method only finiteness and the
+    objective guard it.
 ``numpyro_model(design, centred=False)``, ``site_values(params) -> dict``, ``from_sites(samples) -> params``
     The model as a NumPyro program (gives ``"svi"`` and ``"nuts"``): ``site_values`` maps
     a parameter point to the program's sampled sites (an initial value; the sites of

@@ -57,6 +57,7 @@ import pandas as pd
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from mtl_jax.data.personal import PersonData
+from mtl_jax.linalg import is_positive_definite
 from mtl_jax.models.baselines.common import (
     PersonBaseline,
     RowArrays,
@@ -175,6 +176,14 @@ class HBLR(PersonBaseline):
         """One VB sweep (:func:`.vb.sweep`): ``(new_params, ELBO at params)``."""
         M = params.membership.shape[0]
         return vb.sweep(params, self.rows(design, M), self.prior(design.X.shape[1], design.X.dtype))
+
+    def valid(self, params: HBLRParams):
+        r"""Whether ``params`` is a VB posterior (EM's acceleration rejects others): :math:`S_k`
+        positive definite, memberships and cluster weights non-negative, :math:`g_1, g_2` and
+        :math:`E[\alpha]` positive."""
+        return (jnp.all(is_positive_definite(params.cov)) & jnp.all(params.membership >= 0)
+                & jnp.all(params.cluster_weight >= 0) & jnp.all(params.stick_a > 0) & jnp.all(params.stick_b > 0)
+                & (params.alpha > 0))
 
     def elbo(self, params: HBLRParams, design: PersonData) -> Float[Array, ""]:
         """The ELBO of a VB posterior (:func:`.vb.elbo`, optimal :math:`\\xi`)."""

@@ -53,7 +53,7 @@ import pandas as pd
 from jaxtyping import Array, Float
 
 from mtl_jax.data import TaskData
-from mtl_jax.linalg import cholesky, psd_cholesky
+from mtl_jax.linalg import cholesky, is_positive_definite, psd_cholesky
 from mtl_jax.models.mixture_glmm import design as design_module
 from mtl_jax.models.mixture_glmm import em, likelihood, naming, program, variance
 from mtl_jax.models.mixture_glmm.families import FAMILIES, Family
@@ -306,6 +306,17 @@ class MixtureGLMM:
     def population(self, params: MixtureParams) -> dict[str, Array]:
         """The population-level fields (no task axis)."""
         return {field: getattr(params, field) for field in POPULATION_FIELDS}
+
+    def valid(self, params: MixtureParams):
+        r"""Whether ``params`` is a point of the model (EM's acceleration rejects others): the
+        residual covariances :math:`\Sigma_h` and the effects' covariances :math:`\Lambda`,
+        :math:`\Phi_h` (those the model has) positive definite."""
+        ok = jnp.all(is_positive_definite(params.component_cov))
+        if self.has_mixing_effects:
+            ok &= is_positive_definite(params.mixing_cov)
+        if self.component_random_effects:
+            ok &= jnp.all(is_positive_definite(params.component_effects_cov))
+        return ok
 
     # ------------------------------------------------------------ prediction
     def _label_probabilities(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n g"]:

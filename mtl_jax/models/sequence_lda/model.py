@@ -119,6 +119,12 @@ class SequenceLDA(SequenceModel):
         """Topics and ``log_alpha`` (not the per-task ``gamma``)."""
         return (params.topics, params.log_alpha)
 
+    def valid(self, params: SequenceLDAParams):
+        r"""Whether ``params`` can start an EM step (EM's acceleration rejects others): every
+        :math:`\gamma_{tk} > 0`. (Topics extrapolated in log space need not be normalised:
+        the step's M-step normalises them, and only its output is ever kept.)"""
+        return jnp.all(params.gamma > 0)
+
     def params_like(self, labels: dict) -> SequenceLDAParams:
         """Zeros of the fitted structure (topics from the labels' alphabet, ``gamma [T, K]``)."""
         K, T = self.num_topics, len(labels["task_names"])
