@@ -149,16 +149,15 @@ def run_em(step, params, *, max_iter: int, tol: float, watch=None, acceleration:
     def keep_going(state: EMState):
         return (~state.converged) & (state.iteration < max_iter) & ~jnp.isnan(state.previous)
 
-    start = EMState(
-        params=params,
-        iteration=jnp.zeros((), jnp.int32),
-        previous=jnp.asarray(-jnp.inf, dtype),
-        trace=jnp.full((max_iter,), jnp.nan, dtype),
-        converged=jnp.zeros((), bool),
-        cycles=jnp.zeros((), jnp.int32),
-        rejected=jnp.zeros((), jnp.int32),
-    )
-    return jax.lax.while_loop(keep_going, body, start)
+    return jax.lax.while_loop(keep_going, body, _initial_state(params, max_iter, dtype))
+
+
+def _initial_state(params, max_iter: int, dtype) -> EMState:
+    """The loop state before the first step: no steps, objective ``-inf``, an all-NaN trace."""
+    zero = jnp.zeros((), jnp.int32)
+    return EMState(params=params, iteration=zero, previous=jnp.asarray(-jnp.inf, dtype),
+                   trace=jnp.full((max_iter,), jnp.nan, dtype), converged=jnp.zeros((), bool), cycles=zero,
+                   rejected=zero)
 
 
 class _Squarem(NamedTuple):
@@ -292,15 +291,7 @@ def run_squarem(step, params, *, max_iter: int, tol: float, watch=None, valid=No
         return (~s.em.converged) & (s.em.iteration < max_iter) & ~jnp.isnan(s.em.previous)
 
     start = _Squarem(
-        em=EMState(
-            params=params,
-            iteration=jnp.zeros((), jnp.int32),
-            previous=jnp.asarray(-jnp.inf, dtype),
-            trace=jnp.full((max_iter,), jnp.nan, dtype),
-            converged=jnp.zeros((), bool),
-            cycles=jnp.zeros((), jnp.int32),
-            rejected=jnp.zeros((), jnp.int32),
-        ),
+        em=_initial_state(params, max_iter, dtype),
         phase=jnp.zeros((), jnp.int32),
         point=flat,
         start=flat,
