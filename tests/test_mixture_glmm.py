@@ -199,3 +199,36 @@ def test_models_without_random_effects_fit_for_any_g_and_p(g, p):
     np.testing.assert_allclose(result.loglik, want, rtol=1e-10)
     assert np.all(np.diff(result.trace) >= -1e-8 * np.abs(result.trace[1:]))
     assert result.trace[-1] > result.trace[0] + 1.0
+
+
+def test_newton_ascent_stops_at_the_modes_without_halving_on_rounding_noise():
+    """Concave quadratics f_i(u) = c_i - (u - m_i)^T A_i (u - m_i) / 2 with a large constant c_i
+    (so float32 rounding of f_i is far above a converged step's gain): the modes m_i are
+    found (Newton is exact in one step), and the ascent makes only a few passes over the
+    tasks instead of halving every step down to 2^-20 on rounding noise."""
+    from mtl_jax.models.mixture_glmm.likelihood import newton_ascent
+
+    rng = np.random.default_rng(0)
+    K, r = 200, 3
+    roots = rng.normal(size=(K, r, r))
+    A = np.einsum("kij,klj->kil", roots, roots) + 0.5 * np.eye(r)
+    m = rng.normal(size=(K, r))
+    c = rng.uniform(1e4, 1e5, size=K)
+    A32, m32, c32 = (jnp.asarray(a, jnp.float32) for a in (A, m, c))
+    calls = {"value": 0}
+
+    def count():
+        calls["value"] += 1
+
+    def task_value(u):
+        jax.debug.callback(count)
+        d = u - m32
+        return c32 - 0.5 * jnp.einsum("ki,kij,kj->k", d, A32, d)
+
+    def task_derivatives(u):
+        return -jnp.einsum("kij,kj->ki", A32, u - m32), -A32
+
+    u, decrement = jax.jit(lambda u0: newton_ascent(task_value, task_derivatives, u0, 20))(jnp.zeros((K, r), jnp.float32))
+    np.testing.assert_allclose(np.asarray(u), m, atol=2e-4 * np.abs(m).max())
+    assert np.all(np.abs(np.asarray(decrement)) <= 16 * np.finfo(np.float32).eps * (1 + c))
+    assert calls["value"] <= 4  # the start, one step, and at most two more (the old loop made 20 x 21)
