@@ -232,3 +232,23 @@ def test_newton_ascent_stops_at_the_modes_without_halving_on_rounding_noise():
     np.testing.assert_allclose(np.asarray(u), m, atol=2e-4 * np.abs(m).max())
     assert np.all(np.abs(np.asarray(decrement)) <= 16 * np.finfo(np.float32).eps * (1 + c))
     assert calls["value"] <= 4  # the start, one step, and at most two more (the old loop made 20 x 21)
+
+
+def test_newton_ascent_leaves_a_saddle_for_a_maximum():
+    """f(u) = -u1^2/2 + u2^2/2 - u2^4/4 (maxima at u2 = +-1, a saddle at u2 = 0) started on the
+    saddle's axis: the gradient along u2 is zero there, so a plain (shifted) Newton step
+    stays on it; the ascent must step along the negative curvature to a true maximum."""
+    from mtl_jax.models.mixture_glmm.likelihood import newton_ascent
+
+    def task_value(u):
+        return -0.5 * u[:, 0] ** 2 + 0.5 * u[:, 1] ** 2 - 0.25 * u[:, 1] ** 4
+
+    def task_derivatives(u):
+        grad = jnp.stack([-u[:, 0], u[:, 1] - u[:, 1] ** 3], axis=1)
+        hess = jax.vmap(lambda b: jnp.diag(jnp.stack([-1.0, 1.0 - 3.0 * b ** 2])))(u[:, 1])
+        return grad, hess
+
+    start = jnp.array([[0.5, 0.0], [-2.0, 0.0], [0.3, 0.5]])
+    u, decrement = newton_ascent(task_value, task_derivatives, start, 20)
+    np.testing.assert_allclose(np.abs(np.asarray(u)), [[0, 1], [0, 1], [0, 1]], atol=1e-8)
+    assert np.all(np.abs(np.asarray(decrement)) < 1e-12)  # at a maximum: -H positive definite there

@@ -123,6 +123,12 @@ def newton_ascent(task_value, task_derivatives, u0, steps: int):
     mode and takes no more steps; the ascent stops when every task is there (a few steps
     from the BLUPs), or after ``steps`` steps.
 
+    A mixture likelihood need not be concave in a task's effects, and a small gradient
+    does not make a maximum: where :math:`-\nabla^2 f_i` is not positive definite (a saddle
+    or a ridge), the step also goes along its eigenvector :math:`e_i` of least curvature,
+    uphill (:math:`\operatorname{sign}(\nabla f_i^T e_i)\,e_i`, unit length, then halved
+    until :math:`f_i` rises), and the task is not at its mode whatever its decrement.
+
     Args:
         task_value: ``u [K, r] -> [K]``.
         task_derivatives: ``u [K, r] -> (grad [K, r], hess [K, r, r])``.
@@ -130,7 +136,8 @@ def newton_ascent(task_value, task_derivatives, u0, steps: int):
         steps: most Newton steps (static).
 
     Returns:
-        ``(u, decrement)``: the end point and the Newton decrement there ``[K]`` (zero at a mode).
+        ``(u, decrement)``: the end point and the Newton decrement there ``[K]`` (zero at a
+        mode; ``inf`` where the end point is not a maximum).
     """
     K, r = u0.shape
     dtype = u0.dtype
@@ -140,17 +147,21 @@ def newton_ascent(task_value, task_derivatives, u0, steps: int):
         """The Newton step of every task not yet at its mode (zero for the others), and the decrements."""
         grad, hess = task_derivatives(u)
         neg = -hess
-        eig = jnp.linalg.eigvalsh(neg)
-        shift = jnp.where(eig[:, 0] > 0, 0.0, 1e-3 * (1.0 + jnp.abs(eig[:, -1])) - eig[:, 0])
+        eig, vectors = jnp.linalg.eigh(neg)
+        concave = eig[:, 0] > 0
+        shift = jnp.where(concave, 0.0, 1e-3 * (1.0 + jnp.abs(eig[:, -1])) - eig[:, 0])
         neg_chol = psd_cholesky(neg + shift[:, None, None] * jnp.eye(r, dtype=dtype))
         step = cho_solve(neg_chol, grad[..., None])[..., 0]
         decrement = jnp.einsum("ir,ir->i", grad, step)
-        moving = ~(jnp.abs(decrement) <= 16 * eps * (1.0 + jnp.abs(value)))
-        return jnp.where(moving[:, None], step, 0.0), decrement
+        flattest = vectors[:, :, 0]
+        uphill = jnp.where(jnp.einsum("ir,ir->i", grad, flattest) < 0, -1.0, 1.0)
+        step = jnp.where(concave[:, None], step, step + uphill[:, None] * flattest)
+        moving = ~concave | ~(jnp.abs(decrement) <= 16 * eps * (1.0 + jnp.abs(value)))
+        return jnp.where(moving[:, None], step, 0.0), jnp.where(concave, decrement, jnp.inf)
 
     def newton(state):
         count, u, value, step, decrement = state
-        quadratic = jnp.abs(decrement) <= jnp.sqrt(eps) * (1.0 + jnp.abs(value))
+        quadratic = jnp.abs(decrement) <= jnp.sqrt(eps) * (1.0 + jnp.abs(value))  # never where not concave
 
         def ascends(new_value):
             return (new_value >= value) | quadratic
