@@ -22,7 +22,12 @@ from mtl_jax.infer.em import em_fit, run_em_backend
 from mtl_jax.infer.sharding import AXIS, batch_map, device_mesh, gather_batch, place_batch, resolve_devices
 from mtl_jax.models.mixture_glmm import MixtureGLMM
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (conftest.py asks for 4 CPU devices)")
+
+
+@pytest.fixture(autouse=True)
+def _four_devices():
+    """Every test here shards over up to 4 devices: fail (never skip) when conftest.py's 4 CPU devices are missing."""
+    assert jax.device_count() >= 4, f"needs 4 devices (tests/conftest.py asks for 4 CPU devices), has {jax.device_count()}"
 
 # Three replicates: on two devices the batch is padded to four. The model without random
 # effects compiles in a third of the time of the multitask one; the batch sharding does not
