@@ -140,7 +140,7 @@ def nuts(data) -> SimpleNamespace:
     out = data.root / "nuts.json"
     run = run_main(fit_args(data.train, out, "--components", "2", "--no-mixing-random-effects",
                             "--no-component-random-effects", "--method", "nuts", "--num-warmup", "50",
-                            "--num-samples", "40", "--num-chains", "2"))
+                            "--num-samples", "40", "--num-chains", "2", "--mass-matrix", "dense"))
     assert run.status == 0, run.err
     return SimpleNamespace(out=out, run=run, saved=json.loads(out.read_text()), fit=Fit.load(out))
 
@@ -275,7 +275,8 @@ def test_svi_options_reach_the_backend(svi):
 
 
 def test_nuts_options_reach_the_backend(nuts):
-    assert "with NUTS (num_warmup=50, num_samples=40, num_chains=2) ..." in nuts.run.out
+    assert "with NUTS (num_warmup=50, num_samples=40, num_chains=2, mass_matrix=dense) ..." in nuts.run.out
+    assert nuts.saved["diagnostics"]["mean_leapfrog_steps"] >= 1
     assert nuts.saved["method"] == "nuts" and nuts.saved["n_iter"] == 40
     assert {tuple(record["shape"][:2]) for record in nuts.saved["draws"]} == {(2, 40)}
     assert nuts.fit.draws.component_coef.shape == (2, 40, 2, 1 + len(COVARIATES), 1)

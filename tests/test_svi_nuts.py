@@ -15,7 +15,7 @@ import mtl_jax
 from mtl_jax.experiments.simulation import simulate_study
 from mtl_jax.infer.em import em_fit
 from mtl_jax.infer.fit import MAX_R_HAT, FitWarning
-from mtl_jax.infer.nuts import chain_starts
+from mtl_jax.infer.nuts import chain_starts, mass_matrix_structure
 from mtl_jax.infer.results import posterior_table
 from mtl_jax.infer.svi import align_draws, loss_settled
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams, MixturePriors
@@ -335,6 +335,19 @@ def test_nuts_proper_run_converges(nuts):
     assert nuts.converged is True
     assert not nuts.warnings
     assert summary["ess_bulk"].min() > 50
+
+
+def test_mass_matrix_structures(design, em, nuts):
+    """The population block holds exactly the sites outside the tasks plate; the run reports its leapfrog steps."""
+    values = MODEL.site_values(em.params)
+    assert mass_matrix_structure("diagonal", MODEL.numpyro_model, design, values) is False
+    assert mass_matrix_structure("dense", MODEL.numpyro_model, design, values) is True
+    (block,) = mass_matrix_structure("population", MODEL.numpyro_model, design, values)
+    assert set(block) == {"mixing_coef", "component_coef", "component_scale", "component_effects_sd"}
+    with pytest.raises(ValueError, match="unknown mass_matrix 'full'"):
+        mass_matrix_structure("full", MODEL.numpyro_model, design, values)
+    # NUTS doubles its trajectory up to depth 10: 1 to 1023 gradient evaluations per draw.
+    assert 1.0 <= nuts.diagnostics["mean_leapfrog_steps"] <= 1023.0
 
 
 def test_nuts_bad_start_is_not_converged(design, em):

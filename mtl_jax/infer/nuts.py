@@ -22,15 +22,37 @@ from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
 
 
-def sampled_sites(program, design, values) -> list[str]:
+MASS_MATRICES = ("diagonal", "population", "dense")
+
+
+def sampled_sites(program, design, values, *, population_only: bool = False) -> list[str]:
     """The latent sample sites of ``program`` (run once at ``values``): the only keys NUTS may be started with.
 
     ``site_values`` also holds the other parameterisation's sites; a key that is not a site
     of the program would join the sampler's state with a flat potential and drift without
-    bound, spoiling step-size adaptation and the U-turn test.
+    bound, spoiling step-size adaptation and the U-turn test. ``population_only`` keeps
+    the sites outside every plate (the population-level parameters, not the per-task ones).
     """
     trace = handlers.trace(handlers.substitute(handlers.seed(program, 0), data=values)).get_trace(design)
-    return sorted(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"])
+    return sorted(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]
+                  and not (population_only and site["cond_indep_stack"]))
+
+
+def mass_matrix_structure(mass_matrix: str, program, design, values):
+    r"""NUTS's ``dense_mass`` for one of :data:`MASS_MATRICES`.
+
+    ``"diagonal"``: one scale per coordinate. ``"population"``: one dense block over the
+    population-level sites (outside every plate; their posterior correlations, e.g. an
+    intercept against the dummies of a categorical covariate, are what a diagonal metric
+    cannot follow, so trees grow deep), diagonal for the task effects, whose number grows
+    with the tasks (a dense block over them would cost :math:`O(K^2)` memory and warm-up
+    draws). ``"dense"``: one dense block over everything.
+    """
+    if mass_matrix not in MASS_MATRICES:
+        raise ValueError(f"unknown mass_matrix {mass_matrix!r}; choose one of {list(MASS_MATRICES)}")
+    if mass_matrix == "population":
+        return [tuple(sampled_sites(program, design, values, population_only=True))]
+    return mass_matrix == "dense"
 
 
 def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.1, init_params=None,
@@ -87,6 +109,7 @@ def run_nuts_backend(
     target_accept: float = 0.8,
     init_jitter: float = 0.1,
     parameterisation: str = "noncentred",
+    mass_matrix: str = "diagonal",
     init_params=None,
     progress: bool = False,
 ) -> BackendResult:
@@ -97,13 +120,15 @@ def run_nuts_backend(
             ``param_sites`` are used.
         design: the data.
         key: PRNG key (EM starts, jitter, the chains).
-        num_warmup: adaptation steps per chain (step size, diagonal mass matrix).
+        num_warmup: adaptation steps per chain (step size, mass matrix).
         num_samples: kept draws per chain.
         num_chains: chains, vectorised.
         target_accept: NUTS target acceptance probability.
         init_jitter: sd of the normal jitter added to each chain's start (unconstrained).
         parameterisation: ``"noncentred"`` (default: no funnel between the task effects
             and their variances) or ``"centred"`` task effects (data rich per task).
+        mass_matrix: the metric adapted in warm-up, one of :data:`MASS_MATRICES`
+            (:func:`mass_matrix_structure`; default diagonal).
         init_params: one starting point for every chain (then only the jitter disperses
             them), or a ``list`` of one point per chain (the first is the alignment
             reference); see :func:`chain_starts`.
@@ -111,7 +136,8 @@ def run_nuts_backend(
 
     Returns:
         Posterior means of the aligned draws as ``params``; the draws
-        ``[num_chains, num_samples, ...]``; ``diagnostics`` with ``num_divergences``;
+        ``[num_chains, num_samples, ...]``; ``diagnostics`` with ``num_divergences`` and
+        ``mean_leapfrog_steps`` (gradient evaluations per draw);
         ``converged`` only says the sampler ran (:func:`mtl_jax.fit` adds the R-hat
         check); ``n_iter = num_samples``; an empty trace.
     """
@@ -120,10 +146,13 @@ def run_nuts_backend(
                                    init_params=init_params, parameterisation=parameterisation)
     if num_chains == 1:  # NumPyro runs a single chain unbatched
         init = jax.tree_util.tree_map(lambda leaf: leaf[0], init)
-    kernel = NUTS(program_for(model, parameterisation), target_accept_prob=target_accept)
+    program = program_for(model, parameterisation)
+    dense_mass = mass_matrix_structure(mass_matrix, program, design, model.site_values(reference))
+    kernel = NUTS(program, target_accept_prob=target_accept, dense_mass=dense_mass)
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method="vectorized", progress_bar=progress)
-    mcmc.run(key_chains, design, init_params=init, extra_fields=("diverging",))
+    mcmc.run(key_chains, design, init_params=init, extra_fields=("diverging", "num_steps"))
+    extra = mcmc.get_extra_fields()
     samples = mcmc.get_samples(group_by_chain=True)
     raw = model.from_sites({name: samples[name] for name in model.param_sites()})
     draws = align_draws(model, jax.tree_util.tree_map(np.asarray, raw), reference)
@@ -133,7 +162,8 @@ def run_nuts_backend(
         n_iter=num_samples,
         trace=np.zeros(0),
         draws=draws,
-        diagnostics={"num_divergences": int(np.sum(mcmc.get_extra_fields()["diverging"]))},
+        diagnostics={"num_divergences": int(np.sum(extra["diverging"])),
+                     "mean_leapfrog_steps": float(np.mean(extra["num_steps"]))},
     )
 
 
@@ -144,5 +174,7 @@ CLI_OPTIONS = (
     ("--target-accept", dict(type=float, metavar="P", help="NUTS target acceptance (default 0.8)")),
     ("--nuts-parameterisation", dict(choices=PARAMETERISATIONS, dest="parameterisation",
                                      help="task effects in the NumPyro program (default noncentred)")),
+    ("--mass-matrix", dict(choices=MASS_MATRICES, help="NUTS metric: diagonal (default), a dense block "
+                                                       "over the population-level parameters, or dense")),
 )
 """Command-line options of :func:`run_nuts_backend` (``--nuts-parameterisation`` sets ``parameterisation``)."""
