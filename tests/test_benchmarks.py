@@ -319,10 +319,12 @@ def test_peers_script(tmp_path):
 
 
 def test_nuts_peers_script_without_stan(tmp_path):
-    """Our NUTS side at tiny sizes (Stan skipped by its flag): the table, the JSON and the checks."""
+    """Our NUTS side at tiny sizes (Stan skipped by its flag) through the public fit() with the population
+    metric: the table, the JSON and the checks."""
     path = tmp_path / "nuts_peers.json"
     results = load("nuts_peers").main(["--tasks", "3", "--per-task", "20", "--warmup", "10", "--samples", "20",
-                                       "--chains", "2", "--no-stan", "--dtype", "float64", "--json", str(path)])
+                                       "--chains", "2", "--no-stan", "--dtype", "float64", "--mass-matrix", "population",
+                                       "--json", str(path)])
     written = json.loads(path.read_text())
     assert written["table"] == results["table"] and written["data"] == {"tasks": 3, "rows": 60}
     ours, stan = written["samplers"]["ours"], written["samplers"]["stan"]
