@@ -15,8 +15,8 @@ adds the backend's small jitter), with the same warm-up and draws; Stan runs its
 
 **Columns.** ``compile s``: ours, the first ``fit`` less the second, which reads its programs
 from the persistent compilation cache (see :func:`run_ours`); Stan, the C++ build of the model.
-``sampling s``: warm-up and draws, compilation excluded. ``min ESS``: the smallest bulk effective sample size (arviz) over the population-level parameters, after
-every draw is relabelled to the EM estimate (label switching); ``s / ESS``: sampling seconds
+``sampling s``: warm-up and draws, compilation excluded. ``min ESS``: the smallest bulk
+effective sample size (arviz) over the population-level parameters, after every draw is relabelled to the EM estimate (label switching); ``s / ESS``: sampling seconds
 per effective draw of that slowest parameter; ``R-hat``: the largest (rank-normalised,
 arviz); ``divergences`` after warm-up; ``leapfrog``: mean steps per draw; ``Stan / ours``: the
 ratio of seconds per effective sample (the issue's goal: >= 50x).
