@@ -24,6 +24,8 @@ from pathlib import Path
 import jax
 import jax.monitoring
 
+from mtl_jax.infer import program_cache
+
 #: The :mod:`jax.monitoring` duration events that are compilation (tracing, lowering, XLA).
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -91,4 +93,5 @@ def enable_persistent_cache() -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    program_cache.enable(directory / "programs")
     return directory

@@ -20,7 +20,6 @@ published results.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +29,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.sharding import constrain_rows, constrain_tasks, device_mesh, resolve_devices, to_host
 
@@ -311,9 +311,7 @@ def run_squarem(step, params, *, max_iter: int, tol: float, watch=None, valid=No
     return s.em._replace(params=unravel(last))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "n_init", "max_iter", "tol", "mesh", "acceleration")
-)
+@cached_program(static_argnames=("model", "n_init", "max_iter", "tol", "mesh", "acceleration"))
 def em_fit(
     model,
     design,

@@ -9,6 +9,7 @@ task, mixing covariates that vary within a task. Every error names the column, t
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.data import DataError
@@ -47,13 +48,14 @@ def build_design(model, data) -> MixtureDesign:
     component = data.columns_for(model.covariates)
     z_columns = random_effect_columns(model, data) if model.component_random_effects else [
         data.columns.index(INTERCEPT) if INTERCEPT in data.columns else int(component[0])]
+    columns = np.asarray(data.X)  # sliced on the host: no device program per slice
     design = MixtureDesign(
         y=data.y,
-        x_comp=data.X[:, component],
-        x_mix=data.X[:, data.columns_for(model.mixing_covariates)],
+        x_comp=jnp.asarray(columns[:, component]),
+        x_mix=jnp.asarray(columns[:, data.columns_for(model.mixing_covariates)]),
         task=data.task,
         num_tasks=data.num_tasks,
-        z_comp=data.X[:, np.asarray(z_columns)],
+        z_comp=jnp.asarray(columns[:, np.asarray(z_columns)]),
         trials=data.trials,
         offset=data.offset,
     )

@@ -43,7 +43,6 @@ is in :mod:`~mtl_jax.models.mixture_glmm.em`, the densities in
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -53,6 +52,7 @@ import pandas as pd
 from jaxtyping import Array, Float
 
 from mtl_jax.data import TaskData
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.linalg import cholesky, is_positive_definite, psd_cholesky
 from mtl_jax.models.mixture_glmm import design as design_module
 from mtl_jax.models.mixture_glmm import em, likelihood, naming, program, variance
@@ -223,13 +223,14 @@ class MixtureGLMM:
         logits, eta = self.linear_predictors(params, design)
         return likelihood.log_joint(self.response_family, logits, eta, params.component_cov, design)
 
+    @cached_program(static_argnames="self")
     def responsibilities(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n g"]:
         r"""Each row's posterior label probabilities: eq. (9) per observation, the task's per task."""
         if self.membership == "task":
             return jnp.exp(self.class_log_probabilities(params, design))[design.task]
         return jax.nn.softmax(self.log_joint(params, design), axis=-1)
 
-    @functools.partial(jax.jit, static_argnums=0)
+    @cached_program(static_argnames="self")
     def class_log_probabilities(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "K g"]:
         r"""Membership per task: :math:`\log P(z_i = h \mid y_i)` of every task (E-step, :func:`em.task_responsibilities`)."""
         return em.task_responsibilities(self, params, design)[0]
@@ -238,7 +239,7 @@ class MixtureGLMM:
         """``L = L1 + L2`` (eq. 7), the function the EM steps increase (membership per observation)."""
         return em.complete_objective(self, params, design)
 
-    @functools.partial(jax.jit, static_argnums=0)
+    @cached_program(static_argnames="self")
     def laplace(self, params: MixtureParams, design: MixtureDesign):
         """``(value, ok)``: the marginal log-likelihood and whether its approximation is valid.
 
@@ -488,8 +489,7 @@ class MixtureGLMM:
         bad = [field for field in POPULATION_FIELDS if not np.all(np.isfinite(np.asarray(getattr(params, field))))]
         if bad:
             return [f"non-finite parameter(s) {bad}: the fit failed numerically"]
-        tau = np.asarray(self.responsibilities(params, design))
-        size = tau.sum(0)
+        size, scale = map(np.asarray, self._check_statistics(params, design))
         q = design.x_comp.shape[1]
         for h in np.flatnonzero(size < q + 1):
             problems.append(
@@ -498,7 +498,6 @@ class MixtureGLMM:
         floor = 10 * self.variance_floor
         if self.component_random_effects:
             phi = np.diagonal(np.asarray(params.component_effects_cov), axis1=1, axis2=2)
-            scale = np.asarray(em.effects_scale(self, design))
             names = naming.effect_labels(labels)
             for h, e in zip(*np.nonzero(phi <= floor * scale)):
                 suffix = f", {names[e]}" if phi.shape[1] > 1 and self.random_effects_covariance != "identity" else ""
@@ -510,6 +509,11 @@ class MixtureGLMM:
         if self.has_random_effects and design.num_tasks < 5:
             problems.append(f"only {design.num_tasks} tasks: the variance components are poorly determined")
         return problems
+
+    @cached_program(static_argnames="self")
+    def _check_statistics(self, params: MixtureParams, design: MixtureDesign):
+        """``(effective rows per component [g], scale of each component effect [d])`` for :meth:`check`."""
+        return self.responsibilities(params, design).sum(0), em.effects_scale(self, design)
 
     # -------------------------------------------------------------- NumPyro
     def numpyro_model(self, design: MixtureDesign, centred: bool = False) -> None:

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.linalg import bordered_solve, kron_rows, psd_inverse, segment_sum
 from mtl_jax.models.mixture_glmm.likelihood import (
     _effects_prior_cov,
@@ -282,38 +283,46 @@ def _unpacked_standard_errors(model, params: MixtureParams, fields: tuple[str, .
     return unpack(jnp.sqrt(jnp.diagonal(cov)))
 
 
-def standard_errors(model, params: MixtureParams, design: MixtureDesign, labels: dict) -> dict[str, float]:
-    """Standard errors by the names of :meth:`MixtureGLMM.named_parameters` (module docstring)."""
+@cached_program(static_argnames="model")
+def standard_error_params(model, params: MixtureParams, design: MixtureDesign) -> MixtureParams:
+    """Every standard error of the module docstring in one program, shaped as ``params``.
+
+    Entries without one (the predicted effects, fixed structure) are 0; NaN where the
+    observed information is not positive definite.
+    """
     dispersion = _dispersion_fields(model)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
     if model.membership == "task":
         fields = ("mixing_coef", "component_coef") + dispersion
-        se = _unpacked_standard_errors(model, params, fields, marginal_covariance(model, params, design, fields))
-        named = model.named_parameters(se, labels)
-        return {name: float(value) for name, value in named.items()}
+        return _unpacked_standard_errors(model, zero, fields, marginal_covariance(model, params, design, fields))
     cov_v, cov_w, cov_theta = fixed_and_variance_covariance(model, params, design)
-    se = params._replace(
-        mixing_coef=jnp.sqrt(_diagonal(cov_v, 2)),
-        component_coef=jnp.sqrt(_diagonal(cov_w, 3)),
-    )
+    se = zero._replace(mixing_coef=jnp.sqrt(_diagonal(cov_v, 2)), component_coef=jnp.sqrt(_diagonal(cov_w, 3)))
     if dispersion:
-        se_dispersion = _unpacked_standard_errors(model, params, dispersion,
+        se_dispersion = _unpacked_standard_errors(model, zero, dispersion,
                                                   marginal_covariance(model, params, design, dispersion))
         se = se._replace(component_cov=se_dispersion.component_cov)
-    theta_se = np.sqrt(np.diagonal(np.asarray(cov_theta)))
-    d = params.component_effects_cov.shape[-1]
-    lam_se = np.zeros(params.mixing_cov.shape)
-    phi_se = np.zeros(params.component_effects_cov.shape)
-    for value, (kind, index) in zip(theta_se, variance_parameters(model, design.y.shape[1], d)):
-        if kind == "lambda":
-            lam_se[index] = lam_se[index[::-1]] = value
-        elif index[1] < 0:
-            phi_se[index[0]] = value * np.eye(d)
+    theta_se = jnp.sqrt(jnp.diagonal(cov_theta))
+    kinds = variance_parameters(model, design.y.shape[1], params.component_effects_cov.shape[-1])
+    lam = [(i, index) for i, (kind, index) in enumerate(kinds) if kind == "lambda"]
+    phi = [(i, index) for i, (kind, index) in enumerate(kinds) if kind == "phi"]
+    if lam:
+        at, (k, l) = np.array([i for i, _ in lam]), np.array([index for _, index in lam]).T
+        se = se._replace(mixing_cov=se.mixing_cov.at[k, l].set(theta_se[at]).at[l, k].set(theta_se[at]))
+    if phi:
+        at, (h, e, f) = np.array([i for i, _ in phi]), np.array([index for _, index in phi]).T
+        if model.random_effects_covariance == "identity":  # one common variance per component
+            d = params.component_effects_cov.shape[-1]
+            se = se._replace(component_effects_cov=theta_se[at][:, None, None] * jnp.eye(d, dtype=theta_se.dtype))
         else:
-            h, e, f = index
-            phi_se[h, e, f] = phi_se[h, f, e] = value
-    se = se._replace(mixing_cov=jnp.asarray(lam_se), component_effects_cov=jnp.asarray(phi_se))
-    named = model.named_parameters(se, labels)
-    return {name: float(value) for name, value in named.items()}
+            se = se._replace(component_effects_cov=se.component_effects_cov.at[h, e, f].set(theta_se[at])
+                             .at[h, f, e].set(theta_se[at]))
+    return se
+
+
+def standard_errors(model, params: MixtureParams, design: MixtureDesign, labels: dict) -> dict[str, float]:
+    """Standard errors by the names of :meth:`MixtureGLMM.named_parameters` (module docstring)."""
+    se = jax.tree_util.tree_map(np.asarray, standard_error_params(model, params, design))
+    return {name: float(value) for name, value in model.named_parameters(se, labels).items()}
 
 
 def _diagonal(cov, axes: int):
@@ -323,7 +332,7 @@ def _diagonal(cov, axes: int):
     return jnp.diagonal(cov.reshape(size, size)).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@cached_program(static_argnames="model")
 def effect_sds(model, params: MixtureParams, design: MixtureDesign):
     """Conditional sds of the predicted effects: ``(mixing [K, g-1], component [K, g, r, p])`` (module docstring).
 
