@@ -184,3 +184,16 @@ def test_repeated_cli_fit_reads_every_program(lmm_frame, tmp_path):
     for key in ("params", "loglik", "task_tables"):
         assert outputs[1][key] == outputs[0][key]
     assert outputs[1]["diagnostics"]["standard_errors"] == outputs[0]["diagnostics"]["standard_errors"]
+
+
+def test_ahead_of_time_compile_runs_the_stored_program(store):
+    x, y = jnp.linspace(0.0, 1.0, 4), jnp.float64(3.0)
+    reference = plain_moments(x, y, 2)
+    compiled = moments.compile(x=x, y=y, power=2)
+    assert_same_tree(compiled(x=2 * x, y=y), plain_moments(2 * x, y, 2))
+    assert_same_tree(compiled(x=x, y=y), reference)
+    assert len(entries(store)) == 2
+    with pytest.raises(TypeError, match="compiled for the arguments"):
+        compiled(x=x)
+    program_cache.disable()  # off: jax.jit's ahead-of-time path, called the same way
+    assert_same_tree(moments.compile(x=x, y=y, power=2)(x=x, y=y), reference)

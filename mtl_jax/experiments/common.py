@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.infer.program_cache import CachedProgram
 from mtl_jax.metrics import mean_and_standard_error
 
 __all__ = [
@@ -141,7 +142,8 @@ def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, 
                     **dynamic) -> TimedRun:
     """Compile ``jitted`` ahead of time for ``dynamic``, then run it once; time both apart.
 
-    ``jitted`` is a ``jax.jit`` function. Its static arguments go in ``static`` and its
+    ``jitted`` is a ``jax.jit`` function or a
+    :func:`~mtl_jax.infer.program_cache.cached_program`. Its static arguments go in ``static`` and its
     array arguments as keywords, so that ``jitted(**static, **dynamic)`` is the call
     being timed, e.g.::
 
@@ -186,7 +188,10 @@ def compile_and_run(jitted, *, static: dict | None = None, cache: bool = False, 
     if reused:
         compiled = _COMPILED[signature]
     else:
-        compiled = jitted.lower(**static, **dynamic).compile()
+        if isinstance(jitted, CachedProgram):  # read from the store of traced programs when it is on
+            compiled = jitted.compile(**static, **dynamic)
+        else:
+            compiled = jitted.lower(**static, **dynamic).compile()
         if cache:
             _COMPILED[signature] = compiled
     compiled_at = time.perf_counter()

@@ -32,7 +32,6 @@ process): the relative EM tolerance of ``1e-8`` is below float32 resolution.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -58,6 +57,7 @@ from mtl_jax.experiments.common import (
     unstack_tree,
 )
 from mtl_jax.infer.em import EMResult, em_fit
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.metrics import explained_variance
 from mtl_jax.models.mixture_glmm import MixtureDesign, MixtureGLMM, MixtureParams
 
@@ -265,7 +265,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "tol"))
+@cached_program(static_argnames=("model", "n_init", "max_iter", "tol"))
 def _fit_all_splits(
     model: MixtureGLMM,
     designs: MixtureDesign,

@@ -40,6 +40,7 @@ from mtl_jax.experiments.common import (
 )
 from mtl_jax.experiments.simulation import SimulatedStudy, simulate_study
 from mtl_jax.infer.em import EMResult, em_fit
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.infer.sharding import batch_map, device_mesh, resolve_devices
 from mtl_jax.metrics import explained_variance, match_components, mean_absolute_bias
 from mtl_jax.models.mixture_glmm import MixtureGLMM
@@ -108,7 +109,7 @@ def simulate_replicates(keys: jax.Array, num_components: int, num_tasks: int, n_
     return jax.vmap(lambda key: simulate_study(key, num_components, num_tasks, n_per_task))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_init", "max_iter", "tol", "mesh"))
+@cached_program(static_argnames=("model", "n_init", "max_iter", "tol", "mesh"))
 def fit_replicates(model, designs, keys: jax.Array, *, n_init: int, max_iter: int, tol: float,
                    mesh: Mesh | None = None) -> EMResult:
     """:func:`mtl_jax.infer.em.em_fit` vmapped over replicate designs ``[R, ...]`` and keys ``[R]``.

@@ -172,24 +172,47 @@ class CachedProgram:
         return self.jitted._cache_size() + sum(call is not None for call in self._served.values())
 
     def __call__(self, *args, **kwargs):
-        if _state["directory"] is None:
+        served = self._serve(args, kwargs)
+        if served is None:
             return self.jitted(*args, **kwargs)
+        (call, out_tree), leaves, _ = served
+        return jax.tree_util.tree_unflatten(out_tree, call(*leaves))
+
+    def compile(self, *args, **kwargs) -> Callable:
+        """Ahead of time: the program for these arguments, compiled; call it with the
+        non-static arguments by keyword (as ``jax.jit(...).lower(...).compile()``)."""
+        served = self._serve(args, kwargs)
+        if served is None:
+            return self.jitted.lower(*args, **kwargs).compile()
+        (call, out_tree), leaves, in_tree = served
+        compiled = call.lower(*leaves).compile()
+
+        def run(**dynamic):
+            given, structure = jax.tree_util.tree_flatten(dynamic)
+            if structure != in_tree:
+                raise TypeError(f"{self.__name__} was compiled for the arguments {in_tree}, not {structure}")
+            return jax.tree_util.tree_unflatten(out_tree, compiled(*given))
+
+        return run
+
+    def _serve(self, args, kwargs):
+        """``((jax.jit(exported.call), output structure), input leaves, their structure)`` from the
+        store, or ``None``: plain jit."""
+        if _state["directory"] is None:
+            return None
         bound = dict(zip(self._names, args))
         bound.update(kwargs)
         static = tuple(sorted((name, value) for name, value in bound.items() if name in self._static))
         dynamic = {name: value for name, value in bound.items() if name not in self._static}
         leaves, in_tree = jax.tree_util.tree_flatten(dynamic)
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-            return self.jitted(*args, **kwargs)
+            return None
         avals = tuple(jax.typeof(leaf) for leaf in leaves)
         signature = (static, in_tree, avals)
         if signature not in self._served:
             self._served[signature] = self._load_or_export(static, in_tree, leaves, avals)
         served = self._served[signature]
-        if served is None:
-            return self.jitted(*args, **kwargs)
-        call, out_tree = served
-        return jax.tree_util.tree_unflatten(out_tree, call(*leaves))
+        return None if served is None else (served, leaves, in_tree)
 
     def _key(self, static, in_tree, avals) -> str | None:
         if any(isinstance(value, jax.sharding.Mesh) and value.size > 1 for _, value in static):
