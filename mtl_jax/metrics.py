@@ -20,8 +20,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
-from scipy.stats import rankdata
 
 
 def explained_variance(y, prediction) -> float:
@@ -47,6 +45,8 @@ def match_components(estimated_coef, true_coef) -> np.ndarray:
         ``order [g]``: estimated component ``order[h]`` plays true component ``h``
         (minimum total absolute coefficient difference, Hungarian algorithm).
     """
+    from scipy.optimize import linear_sum_assignment
+
     est = np.asarray(estimated_coef).reshape(len(estimated_coef), -1)
     true = np.asarray(true_coef).reshape(len(true_coef), -1)
     cost = np.abs(true[:, None, :] - est[None, :, :]).sum(-1)
@@ -181,6 +181,8 @@ def roc_auc(y, score) -> float:
         ValueError: if ``y`` holds anything but 0 and 1 (the first bad row is named), if a
             score is not finite, or if ``y`` has only one class (the AUC is undefined).
     """
+    from scipy.stats import rankdata
+
     y, score = _binary_pair(y, score, "score")
     positive = y == 1.0
     n_pos = int(positive.sum())

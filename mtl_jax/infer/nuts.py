@@ -14,9 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
-from numpyro.infer import MCMC, NUTS
-from numpyro.infer.util import unconstrain_fn
 
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
@@ -33,6 +30,8 @@ def sampled_sites(program, design, values, *, population_only: bool = False) -> 
     bound, spoiling step-size adaptation and the U-turn test. ``population_only`` keeps
     the sites outside every plate (the population-level parameters, not the per-task ones).
     """
+    from numpyro import handlers
+
     trace = handlers.trace(handlers.substitute(handlers.seed(program, 0), data=values)).get_trace(design)
     return sorted(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]
                   and not (population_only and site["cond_indep_stack"]))
@@ -87,6 +86,8 @@ def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.
     program = program_for(model, parameterisation)
     values = [model.site_values(start) for start in starts]
     sites = sampled_sites(program, design, values[0])
+    from numpyro.infer.util import unconstrain_fn
+
     unconstrained = [unconstrain_fn(program, (design,), {}, {name: v[name] for name in sites}) for v in values]
     stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *unconstrained)
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
@@ -148,6 +149,8 @@ def run_nuts_backend(
         init = jax.tree_util.tree_map(lambda leaf: leaf[0], init)
     program = program_for(model, parameterisation)
     dense_mass = mass_matrix_structure(mass_matrix, program, design, model.site_values(reference))
+    from numpyro.infer import MCMC, NUTS
+
     kernel = NUTS(program, target_accept_prob=target_accept, dense_mass=dense_mass)
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method="vectorized", progress_bar=progress)

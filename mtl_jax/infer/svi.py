@@ -27,14 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.infer import SVI, Predictive, Trace_ELBO
-from numpyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
-from numpyro.infer.initialization import init_to_value
 
 from mtl_jax.infer.em import em_fit
 from mtl_jax.infer.results import BackendResult, float_dtype
 
-GUIDES = {"normal": AutoNormal, "map": AutoDelta, "lowrank": AutoLowRankMultivariateNormal}
+#: Guides by name: the :mod:`numpyro.infer.autoguide` class of each (imported when SVI runs).
+GUIDES = {"normal": "AutoNormal", "map": "AutoDelta", "lowrank": "AutoLowRankMultivariateNormal"}
 PARAMETERISATIONS = ("centred", "noncentred")
 
 
@@ -152,7 +150,10 @@ def run_svi_backend(
     if parameterisation is None:
         parameterisation = "noncentred" if guide == "map" else "centred"
     program = program_for(model, parameterisation)
-    auto = GUIDES[guide](program, init_loc_fn=init_to_value(values=model.site_values(reference)))
+    from numpyro.infer import SVI, Predictive, Trace_ELBO, autoguide
+    from numpyro.infer.initialization import init_to_value
+
+    auto = getattr(autoguide, GUIDES[guide])(program, init_loc_fn=init_to_value(values=model.site_values(reference)))
     svi = SVI(program, auto, optax.adam(learning_rate), Trace_ELBO())
     result = svi.run(key_svi, num_steps, design, progress_bar=progress)
     predictive = Predictive(program, guide=auto, params=result.params, num_samples=num_samples,

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpyro
-import numpyro.distributions as dist
 from jaxtyping import Array
 
 from mtl_jax.linalg import segment_sum
@@ -48,6 +46,9 @@ def log_weights(v: Array) -> Array:
 
 def numpyro_model(prior: Prior, data: Rows, num_tasks: int, num_clusters: int) -> None:
     """The program of the module docstring (``prior``, ``data`` from the model)."""
+    import numpyro
+    import numpyro.distributions as dist
+
     K, d = num_clusters, prior.mean.shape[0]
     dtype = data.x.dtype
     W = numpyro.sample("W", dist.Normal(jnp.broadcast_to(prior.mean, (K, d)),

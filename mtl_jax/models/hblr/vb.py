@@ -69,10 +69,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 from jax.scipy.special import digamma, gammaln
 from jaxtyping import Array, Float, Int
-from numpyro.distributions.kl import kl_divergence
 
 from mtl_jax.linalg import cho_solve, cholesky, segment_sum
 
@@ -312,6 +310,9 @@ def beta_entropy(a: Array, b: Array) -> Array:
 def stick_order_terms(params: HBLRParams, prior: Prior) -> dict[str, Array]:
     """The ELBO terms ``membership``, ``sticks`` and ``alpha`` of :func:`elbo_terms`: the only ones
     that change when the clusters are permuted (with their memberships) but the sticks are not."""
+    import numpyro.distributions as dist
+    from numpyro.distributions.kl import kl_divergence
+
     K = params.mean.shape[0]
     membership = (jnp.sum(params.membership * expected_log_pi(params)[None])
                   + jnp.sum(dist.CategoricalProbs(params.membership).entropy()))

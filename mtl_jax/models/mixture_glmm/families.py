@@ -26,7 +26,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 
 FAMILIES = ("gaussian", "bernoulli", "binomial", "poisson")
 """The family names a :class:`~mtl_jax.models.mixture_glmm.MixtureGLMM` accepts."""
@@ -59,6 +58,8 @@ class Family:
             trials: binomial trials broadcastable against ``eta`` (ignored by the others).
             chol: Cholesky factor of the residual covariance (Gaussian only).
         """
+        import numpyro.distributions as dist
+
         if self.name == "gaussian":
             return dist.MultivariateNormal(eta, scale_tril=chol)
         if self.name == "poisson":

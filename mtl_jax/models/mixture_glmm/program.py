@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpyro
-import numpyro.distributions as dist
 from jaxtyping import Array
 
 from mtl_jax.linalg import cholesky, segment_sum, solve_triangular
@@ -70,6 +68,9 @@ def response_scale(model, design: MixtureDesign):
 
 def _effects_cholesky(scale, concentration: float, with_correlation: bool):
     """Samples ``component_effects_sd`` ``[g, d]`` (and ``component_effects_corr_chol``); Cholesky factors ``[g, d, d]``."""
+    import numpyro
+    import numpyro.distributions as dist
+
     g, d = scale.shape
     sd = numpyro.sample("component_effects_sd", dist.HalfCauchy(scale).to_event(2))
     if with_correlation and d > 1:
@@ -85,6 +86,9 @@ def _task_effects(name: str, chol, num_tasks: int, centred: bool):
     Centred: the site ``{name}_centred`` is the effects themselves; otherwise the site
     ``{name}_z`` holds standard normals and the effects are :math:`Lz`.
     """
+    import numpyro
+    import numpyro.distributions as dist
+
     batch, d = chol.shape[:-2], chol.shape[-1]
     with numpyro.plate("tasks", num_tasks):
         if centred:
@@ -96,6 +100,9 @@ def _task_effects(name: str, chol, num_tasks: int, centred: bool):
 
 def numpyro_model(model, design: MixtureDesign, centred: bool = False) -> None:
     """The program of the module docstring (``centred``: see :func:`_task_effects`)."""
+    import numpyro
+    import numpyro.distributions as dist
+
     priors = model.priors
     family = model.response_family
     g, K = model.num_components, design.num_tasks

@@ -26,8 +26,6 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpyro
-import numpyro.distributions as dist
 from jaxtyping import Array
 
 from mtl_jax.models.mtl_net.network import NetParams
@@ -43,11 +41,17 @@ def param_sites(num_layers: int) -> tuple[str, ...]:
 
 
 def _normal(name, scale, shape, dtype):
+    import numpyro
+    import numpyro.distributions as dist
+
     return numpyro.sample(name, dist.Normal(jnp.zeros(shape, dtype), scale).to_event(len(shape)))
 
 
 def numpyro_model(model, design, centred: bool = False) -> None:
     """The program of the module docstring."""
+    import numpyro
+    import numpyro.distributions as dist
+
     s, dtype = model.prior_scale, design.X.dtype
     widths = (design.X.shape[1], *model.widths(design.X.shape[1]))
     K, H = design.num_tasks, widths[-1]

@@ -18,11 +18,8 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
-from scipy.optimize import linear_sum_assignment
 
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.models.protocol import register
@@ -210,6 +207,8 @@ class SequenceLDA(SequenceModel):
         Topics are compared by their parameters (``log_`` fields exponentiated); ``alpha``
         and the columns of ``gamma`` follow the permutation. Host (numpy) function.
         """
+        from scipy.optimize import linear_sum_assignment
+
 
         def features(topics):
             return np.concatenate([value.reshape(self.num_topics, -1) for value in readable_fields(topics).values()],
@@ -258,6 +257,9 @@ class SequenceLDA(SequenceModel):
         and the deterministic ``gamma [T, K]`` :math:`= \theta_t (\sum_k \alpha_k + n_t)`
         (``n_t`` the task's sequences; see :meth:`from_sites`).
         """
+        import numpyro
+        import numpyro.distributions as dist
+
         generator = self.generator_for(design)
         K, T, dtype = self.num_topics, design.num_tasks, design.counts.dtype
         topics = generator.sample_topics(K, dtype)

@@ -2,13 +2,14 @@ r"""Helpers shared by the generators: Dirichlet starts, normalisation, weighted 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpyro
-import numpyro.distributions as dist
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+if TYPE_CHECKING:  # NumPyro is imported where a program runs
+    import numpyro.distributions as dist
 
 
 def log_dirichlet(key: PRNGKeyArray, shape: tuple[int, ...]) -> Float[Array, "..."]:
@@ -88,10 +89,14 @@ class Generator:
 
     def field_prior(self, field: str, shape: tuple[int, ...], dtype) -> dist.Distribution:
         """The prior of one field's site value of shape ``shape`` (``[K, ..., n]``): ``Dirichlet(1 + a)`` rows."""
+        import numpyro.distributions as dist
+
         return dist.Dirichlet(jnp.full(shape, 1.0 + self.pseudo_count, dtype)).to_event(len(shape) - 1)
 
     def sample_topics(self, num_topics: int, dtype):
         """Sample every field's site (NumPyro statements); returns the topics ``params_type``."""
+        import numpyro
+
         shapes = jax.eval_shape(lambda key: self.init(key, num_topics), jax.random.key(0))
         samples = {}
         for field in self.params_type._fields:

@@ -23,14 +23,16 @@ needs a proper one and uses independent weak priors of the same scale,
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from mtl_jax.models.sequence_lda.generators.states import HiddenStates
+
+if TYPE_CHECKING:  # NumPyro is imported where a program runs
+    import numpyro.distributions as dist
 
 
 class GaussianHMMParams(NamedTuple):
@@ -112,6 +114,8 @@ class GaussianHMM(HiddenStates):
         Raises:
             ValueError: when ``pseudo_count`` is 0 (both would be improper).
         """
+        import numpyro.distributions as dist
+
         if field not in ("mean", "log_var"):
             return super().field_prior(field, shape, dtype)
         a, v0 = self.pseudo_count, self.prior_variance
