@@ -39,3 +39,13 @@ def _release_compiled_code():
     jax.clear_caches()
     gc.collect()
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _program_store_off_after_module():
+    """An in-process ``mtl-jax`` (``cli.main``) switches the store of traced programs on for its
+    process, as the command line does; each test module starts with it off again."""
+    yield
+    from mtl_jax.infer import program_cache
+
+    program_cache.disable()
+
