@@ -1,13 +1,14 @@
 """Tests of the public fitting API: ``mtl_jax.fit`` on a ``TaskData`` and the ``Fit`` it returns."""
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 from support import COVARIATES, set_cell, simulated_frame
 
-from mtl_jax import DataError, Fit, MixtureGLMM, TaskData, fit
+from mtl_jax import DataError, Fit, FitWarning, MixtureGLMM, TaskData, fit
 
 
 def encode(frame: pd.DataFrame, **kwargs) -> TaskData:
@@ -132,6 +133,20 @@ def test_float32_lmm_with_dominant_task_information_matches_float64():
         assert est32[name] == pytest.approx(est64[name], rel=1e-3), name
     assert r32.loglik / r32.num_obs == pytest.approx(r64.loglik / r64.num_obs, rel=1e-3)
     assert 3.0 < est64["w[1, intercept]"] < 4.2
+
+
+def test_nuts_on_float32_data_in_a_float64_process():
+    """Was: NumPyro's tree building failed (float32 chain starts against its float64 integrator)."""
+    data = as_float32(TaskData.from_dataframe(lmm_frame(n_i=50), task="task", response="y", covariates=["x"]))
+    model = MixtureGLMM(1, component_random_effects=False)
+    em = fit(model, data, "em", n_init=1).named_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # a short run: its R-hat is not the point
+        nuts = fit(model, data, "nuts", num_warmup=150, num_samples=150, num_chains=2)
+    assert nuts.params.component_coef.dtype == np.float32
+    assert nuts.diagnostics["num_divergences"] == 0
+    for name in ("w[1, intercept]", "w[1, x]"):
+        assert nuts.named_parameters()[name] == pytest.approx(em[name], abs=0.1), name
 
 
 @pytest.mark.parametrize("mixing", [True, False])

@@ -147,6 +147,9 @@ def run_nuts_backend(
                                    init_params=init_params, parameterisation=parameterisation)
     if num_chains == 1:  # NumPyro runs a single chain unbatched
         init = jax.tree_util.tree_map(lambda leaf: leaf[0], init)
+    # NumPyro's integrator works in JAX's default float (float64 under jax_enable_x64): the
+    # chains start there too, whatever the data's dtype, or a tree's branches disagree.
+    init = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.result_type(float)), init)
     program = program_for(model, parameterisation)
     dense_mass = mass_matrix_structure(mass_matrix, program, design, model.site_values(reference))
     from numpyro.infer import MCMC, NUTS
