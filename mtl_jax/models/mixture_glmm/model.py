@@ -337,6 +337,7 @@ class MixtureGLMM:
             pi = jnp.where(likelihood.seen_rows(params, design)[:, None], pi, population)
         return pi
 
+    @cached_program(static_argnames="self")
     def predict(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, "n p"]:
         r"""Mean response :math:`\sum_h P(z=h)\,\mu(\eta_h)` (for binomial rows, per trial).
 
@@ -353,6 +354,7 @@ class MixtureGLMM:
             return jnp.where(likelihood.seen_rows(params, design)[:, None], plug_in, population)
         return plug_in
 
+    @cached_program(static_argnames="self")
     def log_predictive(self, params: MixtureParams, design: MixtureDesign) -> Float[Array, " n"]:
         r"""Natural-log predictive density of each row's response.
 
