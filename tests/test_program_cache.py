@@ -200,3 +200,16 @@ def test_ahead_of_time_compile_runs_the_stored_program(store):
         compiled(x=x)
     program_cache.disable()  # off: jax.jit's ahead-of-time path, called the same way
     assert_same_tree(moments.compile(x=x, y=y, power=2)(x=x, y=y), reference)
+
+
+def test_a_store_that_cannot_be_written_costs_no_fit(store, monkeypatch):
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(program_cache, "_write_atomically", full_disk)
+    x = jnp.arange(6.0)
+    with pytest.warns(UserWarning, match="could not store the traced program moments"):
+        got = moments(x, 0.5, 4)
+    assert_same_tree(got, plain_moments(x, 0.5, 4))
+    assert not entries(store)
+    assert_same_tree(moments(x, 0.5, 4), got)  # served from memory, no second warning or trace

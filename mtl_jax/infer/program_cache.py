@@ -42,6 +42,7 @@ import os
 import pickle
 import sys
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -254,17 +255,24 @@ class CachedProgram:
             blob = exported.serialize()
         except Exception:  # noqa: BLE001 - not exportable: this signature runs on plain jax.jit
             return None
-        _write_atomically(hlo, bytes(blob))
-        _write_atomically(structure, json.dumps(encoded).encode())
+        try:  # the .json last: an entry is complete once both exist
+            _write_atomically(hlo, bytes(blob))
+            _write_atomically(structure, json.dumps(encoded).encode())
+        except OSError as error:  # a full or read-only disk costs the next process a trace, not this fit
+            warnings.warn(f"could not store the traced program {self.__name__} in {store}: {error}", stacklevel=3)
         return jax.jit(exported.call), out_trees[0]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (concurrent writers are safe)."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(data)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except OSError:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def cached_program(fun: Callable | None = None, *, static_argnames: tuple[str, ...] | str = ()):
