@@ -33,6 +33,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from mtl_jax.data.sequences import SequenceData
 from mtl_jax.data.tabular import DataError
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.models.sequence_lda import prediction
 from mtl_jax.models.sequence_lda.generators import GENERATORS, HMM, Categorical, GaussianHMM, Markov
 
@@ -148,6 +149,7 @@ class SequenceModel:
         if design.alphabet is None:
             raise ValueError(f"generator {self.generator!r} models real values; next-symbol prediction needs tokens")
 
+    @cached_program(static_argnames="self")
     def score_columns(self, params, design: SequenceData) -> dict[str, Array]:
         """Per row: ``next_correct`` / ``next_total``, next outcomes the predictive argmax gets right.
 

@@ -22,6 +22,7 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from mtl_jax.data.sequences import SequenceData
+from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.models.protocol import register
 from mtl_jax.models.sequence_lda import prediction, vem
 from mtl_jax.models.sequence_lda.base import SequenceModel, readable_fields
@@ -149,6 +150,7 @@ class SequenceLDA(SequenceModel):
         seen = task < num_tasks
         return jnp.where(seen[:, None], known[jnp.where(seen, task, 0)], prior)
 
+    @cached_program(static_argnames="self")
     def log_predictive(self, params: SequenceLDAParams, design: SequenceData) -> Float[Array, " S"]:
         r""":math:`\log \sum_k \bar\theta_{t k} P_k(x_n)` per row, :math:`\bar\theta_t = E_q[\theta_t]`.
 
