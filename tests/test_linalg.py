@@ -88,7 +88,7 @@ def _dense_reference(A, B, W, u, task, num_tasks, Q, h=None, F0=None, full=True)
         + np.einsum("nrd,nrs,nse->nde", B, H_rr[task], B)
     )
     return dict(fixed=theta[:m], random=theta[m:].reshape(K, r), fixed_cov=Hinv[:m, :m],
-                cross_cov=H_fr, random_cov=H_rr, row_cov=row_cov)
+                cross_cov=H_fr, random_cov=H_rr, row_cov=row_cov, random_info=D - Q)
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -124,7 +124,7 @@ def _solve(p, **kwargs):
 def _check_against_dense(p, solution, tol=1e-10):
     ref = _dense_reference(*(p[k] for k in ARGS), K_TASKS, p["Q"], p["h"], p["F0"])
     assert isinstance(solution, BorderedSolution)
-    for name in ("fixed", "random", "fixed_cov", "cross_cov", "random_cov"):
+    for name in ("fixed", "random", "fixed_cov", "cross_cov", "random_cov", "random_info"):
         assert _rel(getattr(solution, name), ref[name]) < tol, name
     assert _rel(row_cov_fn(solution, p["A"], p["B"], p["task"]), ref["row_cov"]) < tol
 
@@ -209,6 +209,26 @@ def test_kron_solve_matches_the_dense_system_float64(random_intercepts, all_prio
     solution = kron_solve(x, p["W"], p["u"], task, K_TASKS, Q, p["h"], p["F0"], random_intercepts=random_intercepts)
     assert solution.random.shape == (K_TASKS, r) and solution.centre.shape == (K_TASKS, q * d, r)
     _check_against_dense(p, solution, tol=1e-9)
+    # the weighted sum of the rows' Cov(eta_j), from the dense inverse row by row
+    weights = rng.uniform(size=n)
+    dense = _dense_reference(*(p[k] for k in ARGS), K_TASKS, Q, p["h"], p["F0"])["row_cov"]
+    summed = jax.jit(linalg.kron_row_covariance_sum)(solution, x, task, weights)
+    assert _rel(summed, np.einsum("n,nde->de", weights, dense)) < 1e-9
+
+
+@pytest.mark.parametrize("num_tasks", [3, 40])  # a product with the task indicator / a scatter
+def test_segment_outer_sum_matches_numpy(num_tasks):
+    rng = np.random.default_rng(5)
+    n = 200
+    task = rng.integers(0, num_tasks, n)
+    task[:num_tasks - 1] = np.arange(num_tasks - 1)  # every task but the last has rows
+    task[task == num_tasks - 1] = 0  # the last has none: its sums are 0
+    left, right = rng.normal(size=(n, 4)), rng.normal(size=(n, 3, 3))
+    expected = np.zeros((num_tasks, 4, 3, 3))
+    np.add.at(expected, task, left[:, :, None, None] * right[:, None])
+    actual = jax.jit(linalg.segment_outer_sum, static_argnums=3)(left, right, task, num_tasks)
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
+    assert not np.any(np.asarray(actual)[-1])
 
 
 def test_cholesky_and_triangular_solves_match_numpy():

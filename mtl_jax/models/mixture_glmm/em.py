@@ -38,6 +38,7 @@ from mtl_jax.linalg import (
     diag_embed,
     is_positive_definite,
     kron_bordered_solve,
+    kron_row_covariance_sum,
     kron_rows,
     psd_cholesky,
     psd_inverse,
@@ -45,7 +46,6 @@ from mtl_jax.linalg import (
     psd_solve,
     row_covariance,
     segment_sum,
-    segment_sums,
 )
 from mtl_jax.models.mixture_glmm.likelihood import (
     LOG_2PI,
@@ -151,14 +151,17 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         tau = tau * row_weight[:, None]
     mass = tau.sum(-1)  # each row's total weight (1 unless weighted)
 
-    def q_mix(v, a):
-        logits = mixing_logits(v, design.x_mix, a[design.task])
+    def q_mix_at(logits, a):
         value = (tau * jax.nn.log_softmax(logits, axis=-1)).sum()
         if with_effects:
             value += mvn_zero_logpdf(a, lam).sum()
         return value
 
-    pi = jax.nn.softmax(mixing_logits(v, design.x_mix, a[design.task]), axis=-1)[:, :g1]
+    def q_mix(v, a):
+        return q_mix_at(mixing_logits(v, design.x_mix, a[design.task]), a)
+
+    logits = mixing_logits(v, design.x_mix, a[design.task])
+    pi = jax.nn.softmax(logits, axis=-1)[:, :g1]
     weights = mass[:, None, None] * (diag_embed(pi) - pi[:, :, None] * pi[:, None, :])  # -d2 Q / d eta2
     grads = tau[:, :g1] - mass[:, None] * pi  # d Q / d eta
     solution = kron_bordered_solve(
@@ -175,15 +178,15 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     step_v = solution.fixed.reshape(design.x_mix.shape[1], g1).T
     step_a = solution.random if with_effects else jnp.zeros_like(a)
 
-    v, a = halved_step(q_mix, (v, a), (step_v, step_a))
+    v, a = halved_step(q_mix, (v, a), (step_v, step_a), base=q_mix_at(logits, a))
     logdet = jnp.zeros((), dtype)
     if with_effects:
         logdet = _sum_logdet(solution)
         if update_variance_components:
             lam = (jnp.einsum("ih,ik->hk", a, a) + solution.random_cov.sum(0)) / K
             lam = 0.5 * (lam + lam.T) + model.variance_floor * jnp.eye(g1, dtype=dtype)
-            info, score_at_zero = segment_sums(design.task, K, weights, grads)
-            score_at_zero = score_at_zero + jnp.einsum("ihk,ik->ih", info, params.mixing_effects)
+            info = solution.random_info
+            score_at_zero = segment_sum(grads, design.task, K) + jnp.einsum("ihk,ik->ih", info, params.mixing_effects)
             lam, a = boundary_aware_covariance(lam, a, info, score_at_zero, model.variance_floor)
     return params._replace(mixing_coef=v, mixing_effects=a, mixing_cov=lam), logdet
 
@@ -317,15 +320,19 @@ def effects_scale(model, design: MixtureDesign) -> Float[Array, " d"]:
     return jnp.tile(response, design.z_comp.shape[1])
 
 
+def _kron_structured(model) -> bool:
+    """Whether a component's system has the :func:`~mtl_jax.linalg.kron_bordered_solve` structure (random intercepts or none)."""
+    return not model.component_random_effects or model.random_intercept_only
+
+
 def _solve_component(model, design: MixtureDesign, weights, grads, prior_prec, prior_grad, ridge):
     """The bordered fixed/random system of one component (random intercepts by the fast path)."""
     y, x, z = design.y, design.x_comp, design.z_comp
     p = y.shape[1]
-    with_effects = model.component_random_effects
-    if not with_effects or model.random_intercept_only:
+    if _kron_structured(model):
         return kron_bordered_solve(x, weights, grads, design.task, design.num_tasks, prior_prec,
                                    random_prior_grad=prior_grad, fixed_prior_prec=ridge,
-                                   random_intercepts=with_effects)
+                                   random_intercepts=model.component_random_effects)
     return bordered_solve(kron_rows(x, p), kron_rows(z, p), weights, grads, design.task, design.num_tasks,
                           prior_prec, random_prior_grad=prior_grad, fixed_prior_prec=ridge)
 
@@ -386,7 +393,9 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
         resid = target - x @ coef - jnp.einsum("nr,nrp->np", z, effects[task])
         scatter = jnp.einsum("n,nk,nl->kl", tau, resid, resid)
         random_rows = kron_rows(effect_rows, p)[:, :d]
-        if model.residual_update == "reml":
+        if model.residual_update == "reml" and _kron_structured(model):
+            scatter += kron_row_covariance_sum(solution, x, task, tau * task_weight[task])
+        elif model.residual_update == "reml":
             row_cov = row_covariance(solution, kron_rows(x, p), random_rows, task)
             scatter += jnp.einsum("n,nkl->kl", tau * task_weight[task], row_cov)
         elif model.per_task_marginal and with_effects:  # EM for the marginal: the effects' posterior spread
@@ -412,9 +421,9 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
             # EM creeps towards phi = 0 by a factor 1 - O(phi) per step: step to the boundary when
             # the Laplace surrogate prefers it, once phi is below 1% of its scale (unrestricted,
             # a g = 4 fit whose true phi_4 = 1 jumped early and stayed at the floor).
-            posterior_prec = psd_inverse(solution.random_prec_inv)
+            posterior_prec = solution.random_info + prior_prec
             scale = effects_scale(model, design)[0]
-            phi, flat = boundary_aware_covariance(phi, flat, posterior_prec - prior_prec,
+            phi, flat = boundary_aware_covariance(phi, flat, solution.random_info,
                                                   jnp.einsum("ikl,il->ik", posterior_prec, flat),
                                                   model.variance_floor * scale, jump_below=1e-2 * scale)
             effects = flat.reshape(K, r_c, p)
@@ -451,10 +460,12 @@ def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, ph
     return solution, coef, effects
 
 
-def halved_step(objective, point: tuple, step: tuple) -> tuple:
+def halved_step(objective, point: tuple, step: tuple, base=None) -> tuple:
     """``point + t step`` with ``t = 1, 1/2, 1/4, ...`` the first that does not decrease
-    ``objective(*point)`` (down to ``2^-30``; else ``t = 0``, the point stays)."""
-    base = objective(*point)
+    ``objective(*point)`` (down to ``2^-30``; else ``t = 0``, the point stays).
+
+    ``base`` is ``objective(*point)`` where the caller has it already (computed if ``None``)."""
+    base = objective(*point) if base is None else base
 
     def moved(t):
         return tuple(x + t * dx for x, dx in zip(point, step))
