@@ -90,7 +90,10 @@ closed form and by about :math:`10^{-7}` (relative) after one refinement step
 
 All per-task work is a ``[K, ...]`` stack of small blocks (segment sums over the task ids,
 batched small Cholesky factorisations); no ``K x K`` or dense ``(m + K r)`` matrix is ever
-formed. Cost :math:`O(n (m^2 + r^2) d^2 + K (m r^2 + r^3) + m^3)` per pass over the rows.
+formed. Per-task sums of row products, such as :math:`\sum_{j\in i}\tilde x_j\otimes W_j`, are
+one matrix product with the task indicator when there are few tasks
+(:func:`segment_outer_sum`), so that the ``[n, q, d, d]`` products are never written out.
+Cost :math:`O(n (m^2 + r^2) d^2 + K (m r^2 + r^3) + m^3)` per pass over the rows.
 Everything is pure ``jax.numpy``: jittable (``num_tasks`` static) and vmappable, in float32
 and float64. :func:`kron_bordered_solve` solves the same system for the common structure
 :math:`A_j = x_j\otimes I_d`, :math:`B_j = I_d` (shared covariates, random intercepts) in
@@ -653,7 +656,7 @@ def kron_bordered_solve(
     u = jnp.asarray(grads, dtype)
     task = jnp.asarray(task)
     K = num_tasks
-    (n, q), d = x.shape, W.shape[-1]
+    q, d = x.shape[1], W.shape[-1]
     m, r = q * d, d if random_intercepts else 0
     Q = jnp.broadcast_to(jnp.asarray(random_prior_prec, dtype), (K, r, r))
     h = jnp.zeros((K, r), dtype) if random_prior_grad is None else jnp.asarray(random_prior_grad, dtype)
@@ -661,10 +664,7 @@ def kron_bordered_solve(
     eye = jnp.eye(d, dtype=dtype)
 
     if r > 0:
-        # the design's own sums apart from the weights', so that they stay out of a vmap over W
-        counts, x_sums = segment_sums(task, K, jnp.ones((n,), dtype), x)
-        x_mean = x_sums / jnp.maximum(counts, 1.0)[:, None]  # [K, q]
-        x_rows = x - x_mean[task]  # centred within tasks
+        x_mean, x_rows = _centred_within_tasks(x, task, K)
         M = segment_sum(W, task, K)
         D = M + Q
         chol_D = psd_cholesky(_symmetrise(D))
@@ -704,6 +704,17 @@ def kron_bordered_solve(
 
     beta, b = _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps)
     return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv, M)
+
+
+def _centred_within_tasks(x: Float[Array, "n q"], task: Int[Array, " n"], num_tasks: int):
+    """The task means of the covariates ``[K, q]`` and the rows centred by them ``[n, q]``.
+
+    A function of the design alone, apart from any weights, so that it stays outside a
+    ``vmap`` over weights (the components of a mixture) and out of the EM loop.
+    """
+    counts, x_sums = segment_sums(task, num_tasks, jnp.ones(x.shape[:1], x.dtype), x)
+    x_mean = x_sums / jnp.maximum(counts, 1.0)[:, None]
+    return x_mean, x - x_mean[task]
 
 
 def _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps: int):
@@ -809,13 +820,12 @@ def kron_row_covariance_sum(
     K, m, r = solution.centre.shape
     x = jnp.asarray(x, dtype)
     w = jnp.asarray(row_weights, dtype)
-    (n, q), d = x.shape, m // x.shape[1]
+    q = x.shape[1]
+    d = m // q
     fixed_cov = solution.fixed_cov.reshape(q, d, q, d)
     if r == 0:
         return _symmetrise(jnp.einsum("ab,akbl->kl", jnp.einsum("n,na,nb->ab", w, x, x), fixed_cov))
-    counts, x_sums = segment_sums(task, K, jnp.ones((n,), dtype), x)
-    x_mean = x_sums / jnp.maximum(counts, 1.0)[:, None]
-    x_rows = x - x_mean[task]
+    x_mean, x_rows = _centred_within_tasks(x, task, K)
     offset = jnp.einsum("ia,kl->iakl", x_mean, jnp.eye(d, dtype=dtype)).reshape(K, m, d) - solution.centre
     weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)  # omega_i [K], [K, q]
     cov_offset = jnp.einsum("akm,imr->iakr", fixed_cov.reshape(q, d, m), offset)  # P^{-1} E_i [K, q, d, d]
