@@ -23,6 +23,11 @@ fingerprint of the code that is traced: the source of every module of this packa
 the module defining the function) and the versions of JAX, jaxlib, NumPyro, optax and Equinox. Editing the package or upgrading one of
 them misses the store instead of serving a stale program.
 
+**Compiler options.** A static argument that carries ``compiler_options`` (a model class
+attribute, e.g. :attr:`mtl_jax.models.mixture_glmm.MixtureGLMM.compiler_options`) compiles
+the program with those XLA options (``jax.jit(..., compiler_options=...)``), where this XLA
+accepts them (:func:`compiler_options`); the others compile with XLA's defaults.
+
 **Falls back to** ``jax.jit`` (for that signature, this process) when the static arguments
 cannot be pickled, the output holds a pytree node other than tuples, lists, dicts, ``None``
 and named tuples of this package, the call is inside a trace, or export fails (a host
@@ -145,15 +150,17 @@ def decode_structure(encoded: Any):
 class CachedProgram:
     """``jax.jit(fun, static_argnames=...)``, served from the store when it is on (module docstring).
 
-    Attribute access other than calling (``lower``, ``trace``, ...) goes to the ``jax.jit``
-    function. As a method (decorating a function in a class body) the instance is the
+    Attribute access other than calling and lowering (``trace``, ...) goes to the ``jax.jit``
+    function without compiler options. As a method (decorating a function in a class body) the instance is the
     first argument, and must be static like any other non-array argument.
     """
 
     def __init__(self, fun: Callable, static_argnames: tuple[str, ...]):
-        self.jitted = jax.jit(fun, static_argnames=static_argnames)
+        self._by_options = {(): jax.jit(fun, static_argnames=static_argnames)}
+        self.jitted = self._by_options[()]
         self._fun = fun
         self._static = frozenset(static_argnames)
+        self._static_argnames = static_argnames
         self._names = tuple(inspect.signature(fun).parameters)
         self._served: dict[Any, Any] = {}
         self._source = hashlib.sha256(Path(inspect.getsourcefile(fun)).read_bytes()).hexdigest()
@@ -170,21 +177,54 @@ class CachedProgram:
 
     def _cache_size(self) -> int:
         """Programs compiled for this function: by ``jax.jit`` plus those served from the store."""
-        return self.jitted._cache_size() + sum(call is not None for call in self._served.values())
+        return (sum(jitted._cache_size() for jitted in self._by_options.values())
+                + sum(call is not None for call in self._served.values()))
+
+    def _bind(self, args, kwargs) -> dict:
+        bound = dict(zip(self._names, args))
+        bound.update(kwargs)
+        return bound
+
+    def _options(self, bound: dict) -> dict[str, str]:
+        """The compiler options of the first static argument that carries any (module docstring)."""
+        for name in self._static_argnames:
+            options = getattr(bound.get(name), "compiler_options", None)
+            if options:
+                return compiler_options(options)
+        return {}
+
+    def _jitted_for(self, bound: dict):
+        """``jax.jit`` of the function with the compiler options these arguments ask for.
+
+        Inside another trace the plain ``jax.jit``: a nested program is compiled with the
+        enclosing one, under its options (JAX refuses options on a nested ``jax.jit``)."""
+        if not _top_level():
+            return self.jitted
+        options = self._options(bound)
+        key = tuple(sorted(options.items()))
+        if key not in self._by_options:
+            self._by_options[key] = jax.jit(self._fun, static_argnames=self._static_argnames, compiler_options=options)
+        return self._by_options[key]
 
     def __call__(self, *args, **kwargs):
-        served = self._serve(args, kwargs)
+        bound = self._bind(args, kwargs)
+        served = self._serve(bound)
         if served is None:
-            return self.jitted(*args, **kwargs)
+            return self._jitted_for(bound)(*args, **kwargs)
         (call, out_tree), leaves, _ = served
         return jax.tree_util.tree_unflatten(out_tree, call(*leaves))
+
+    def lower(self, *args, **kwargs):
+        """``jax.jit(...).lower`` of the program for these arguments (with their compiler options)."""
+        return self._jitted_for(self._bind(args, kwargs)).lower(*args, **kwargs)
 
     def compile(self, *args, **kwargs) -> Callable:
         """Ahead of time: the program for these arguments, compiled; call it with the
         non-static arguments by keyword (as ``jax.jit(...).lower(...).compile()``)."""
-        served = self._serve(args, kwargs)
+        bound = self._bind(args, kwargs)
+        served = self._serve(bound)
         if served is None:
-            return self.jitted.lower(*args, **kwargs).compile()
+            return self._jitted_for(bound).lower(*args, **kwargs).compile()
         (call, out_tree), leaves, in_tree = served
         compiled = call.lower(*leaves).compile()
 
@@ -196,13 +236,11 @@ class CachedProgram:
 
         return run
 
-    def _serve(self, args, kwargs):
+    def _serve(self, bound: dict):
         """``((jax.jit(exported.call), output structure), input leaves, their structure)`` from the
         store, or ``None``: plain jit."""
         if _state["directory"] is None:
             return None
-        bound = dict(zip(self._names, args))
-        bound.update(kwargs)
         static = tuple(sorted((name, value) for name, value in bound.items() if name in self._static))
         dynamic = {name: value for name, value in bound.items() if name not in self._static}
         leaves, in_tree = jax.tree_util.tree_flatten(dynamic)
@@ -211,7 +249,7 @@ class CachedProgram:
         avals = tuple(jax.typeof(leaf) for leaf in leaves)
         signature = (static, in_tree, avals)
         if signature not in self._served:
-            self._served[signature] = self._load_or_export(static, in_tree, leaves, avals)
+            self._served[signature] = self._load_or_export(static, in_tree, leaves, avals, self._options(bound))
         served = self._served[signature]
         return None if served is None else (served, leaves, in_tree)
 
@@ -227,7 +265,7 @@ class CachedProgram:
             return None
         return hashlib.sha256((code_fingerprint() + self._source).encode() + described).hexdigest()
 
-    def _load_or_export(self, static, in_tree, leaves, avals):
+    def _load_or_export(self, static, in_tree, leaves, avals, options: dict[str, str]):
         """``(jax.jit(exported.call), output structure)`` from the store or a new export; ``None``: plain jit."""
         key = self._key(static, in_tree, avals)
         if key is None:
@@ -237,7 +275,8 @@ class CachedProgram:
         if hlo.exists() and structure.exists():
             try:
                 exported = jax.export.deserialize(bytearray(hlo.read_bytes()))
-                return jax.jit(exported.call), decode_structure(json.loads(structure.read_text()))
+                return (jax.jit(exported.call, compiler_options=options),
+                        decode_structure(json.loads(structure.read_text())))
             except Exception:  # noqa: BLE001 - a damaged or foreign entry is re-exported below
                 pass
         static_values = dict(static)
@@ -260,7 +299,7 @@ class CachedProgram:
             _write_atomically(structure, json.dumps(encoded).encode())
         except OSError as error:  # a full or read-only disk costs the next process a trace, not this fit
             warnings.warn(f"could not store the traced program {self.__name__} in {store}: {error}", stacklevel=3)
-        return jax.jit(exported.call), out_trees[0]
+        return jax.jit(exported.call, compiler_options=options), out_trees[0]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -273,6 +312,31 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except OSError:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _top_level() -> bool:
+    """Whether no trace is under way (a call now runs a program rather than adding to one)."""
+    from jax._src import core  # no public equivalent of this check
+
+    return core.trace_state_clean()
+
+
+@functools.cache
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(0.0).compile()
+    except Exception:  # noqa: BLE001 - XLA rejects an option it does not know (another version)
+        return False
+    return True
+
+
+def compiler_options(options: dict[str, str]) -> dict[str, str]:
+    """``options`` where this XLA accepts them all, else ``{}`` (XLA's defaults; checked once per set).
+
+    For ``jax.jit(..., compiler_options=...)`` of a program that should compile as a
+    model's :func:`cached_program` programs do (benchmarks timing a model's step)."""
+    key = tuple(sorted(options.items()))
+    return dict(key) if key and _accepted(key) else {}
 
 
 def cached_program(fun: Callable | None = None, *, static_argnames: tuple[str, ...] | str = ()):

@@ -64,6 +64,10 @@ Optional capabilities (checked with ``hasattr``):
     A model whose step is one sweep of closed-form variational Bayes (coordinate ascent
     on an ELBO, which is then the objective) declares ``"vb"`` among its ``methods``
     instead: the same loop runs it.
+``compiler_options``
+    Class attribute: XLA options (``jax.jit(..., compiler_options=...)``) for the programs
+    that take the model as a static argument (:func:`mtl_jax.infer.program_cache.cached_program`:
+    its methods, the EM fit, the studies), where this XLA accepts them.
 ``valid(params) -> bool scalar``
     With ``em_step``: whether ``params`` lies in the parameter space (covariances positive
     definite, probabilities non-negative, ...). EM's acceleration (``acceleration="squarem"``,

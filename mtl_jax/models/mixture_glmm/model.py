@@ -106,6 +106,11 @@ class MixtureGLMM:
 
     name: ClassVar[str] = "mixture-glmm"
     methods: ClassVar[frozenset] = frozenset({"em", "svi", "nuts"})
+    #: XLA options of the model's compiled programs (:mod:`mtl_jax.infer.program_cache`): on
+    #: the CPU, no YNNPACK library fusions. Their reductions over a short minor axis (the
+    #: ``[n, g]`` softmax of the E-step) and the transposes they add before products over the
+    #: rows made an EM step 1.1-2x slower and its compilation ~25% longer (README, "Speed").
+    compiler_options: ClassVar[dict[str, str]] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
     num_components: int
     covariates: tuple[str, ...] | None = None
