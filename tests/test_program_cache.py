@@ -213,3 +213,43 @@ def test_a_store_that_cannot_be_written_costs_no_fit(store, monkeypatch):
     assert_same_tree(got, plain_moments(x, 0.5, 4))
     assert not entries(store)
     assert_same_tree(moments(x, 0.5, 4), got)  # served from memory, no second warning or trace
+
+
+class _Owner:
+    """A static argument asking for XLA options, as a model's ``compiler_options`` class attribute does."""
+
+    def __init__(self, options):
+        self.compiler_options = options
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.compiler_options.items())))
+
+    def __eq__(self, other):
+        return isinstance(other, _Owner) and other.compiler_options == self.compiler_options
+
+
+@cached_program(static_argnames="owner")
+def softmax_rows(owner, x):
+    """A softmax over a short minor axis (the E-step's ``[n, g]``), the kind of reduction the options change."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+NO_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def test_compiler_options_of_a_static_argument_reach_xla(store):
+    """The model's options compile its programs (XLA's text shows no library fusion), a nested
+    call inside another trace compiles with the enclosing program, an option this XLA does
+    not know is dropped, and every variant computes the same numbers."""
+    assert program_cache.compiler_options(MixtureGLMM.compiler_options) == MixtureGLMM.compiler_options
+    assert program_cache.compiler_options({"xla_cpu_no_such_option": "1"}) == {}
+    x = jax.random.normal(jax.random.key(0), (4096, 2))
+    with_options, without = _Owner(NO_LIBRARY_FUSIONS), _Owner({})
+    if jax.default_backend() == "cpu":
+        assert "ynn_fusion" not in softmax_rows.lower(with_options, x).compile().as_text()
+    want = np.asarray(jax.nn.softmax(np.asarray(x), axis=-1))
+    for owner in (with_options, without, _Owner({"xla_cpu_no_such_option": "1"})):
+        np.testing.assert_allclose(np.asarray(softmax_rows(owner, x)), want, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(softmax_rows.compile(owner, x=x)(x=x)), want, rtol=1e-6)
+        nested = jax.jit(lambda v: softmax_rows(owner, v) * 2)(x)  # a nested jax.jit cannot take options
+        np.testing.assert_allclose(np.asarray(nested), 2 * want, rtol=1e-6)
