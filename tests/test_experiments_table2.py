@@ -78,3 +78,18 @@ def test_models_setting_fits_only_the_named_models(tiny_study):
             == tiny_study["results"]["2"]["mtl"]["per_replicate"]["explained_variance"])
     with pytest.raises(ValueError, match="unknown model 'glmm'"):
         run_experiment({**TINY, "models": ["glmm"]}, progress=False)
+
+
+def test_replicates_one_at_a_time_equal_all_at_once():
+    """``replicate_batch``: each replicate's fit does not depend on how many share its loop
+    (float64, where the batched and single programs agree to rounding); a bad value fails early."""
+    config = {**TINY, "models": ["independence"], "dtype": "float64", "max_iter": 500}
+    batched = run_experiment({**config, "replicate_batch": None}, progress=False)
+    single = run_experiment({**config, "replicate_batch": 1}, progress=False)
+    for name in ("loglik", "explained_variance", "bias_w", "n_iter", "converged"):
+        np.testing.assert_allclose(single["results"]["2"]["independence"]["per_replicate"][name],
+                                   batched["results"]["2"]["independence"]["per_replicate"][name], rtol=1e-8,
+                                   err_msg=name)
+    for bad in (0, "all", 1.5):
+        with pytest.raises(ValueError, match="replicate_batch"):
+            run_experiment({**config, "replicate_batch": bad}, progress=False)

@@ -77,6 +77,10 @@ def test_batch_map_equals_vmap_and_each_device_holds_its_share():
     expected = jax.vmap(fn)(x, keys)
     for name in expected:
         np.testing.assert_allclose(gather_batch(sharded[name], 5), expected[name], rtol=1e-13)
+    # a few elements at a time (lax.map over batches, 5 = 2 + 2 + 1), alone and on each device
+    for batched in (jax.jit(batch_map(fn, None, 2))(x, keys), gather_batch(jax.jit(batch_map(fn, mesh, 1))(*placed), 5)):
+        for name in expected:
+            np.testing.assert_allclose(batched[name], expected[name], rtol=1e-13)
 
 
 def test_resolve_devices_defaults_to_all_and_rejects_bad_counts():

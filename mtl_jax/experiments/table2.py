@@ -90,6 +90,7 @@ DEFAULT_CONFIG = {
     "tol": 1e-8,
     "dtype": None,
     "devices": None,
+    "replicate_batch": "auto",
 }
 
 _BIASES = ("v", "w", "sigma2", "v_slopes", "w_slopes")
@@ -109,19 +110,20 @@ def simulate_replicates(keys: jax.Array, num_components: int, num_tasks: int, n_
     return jax.vmap(lambda key: simulate_study(key, num_components, num_tasks, n_per_task))(keys)
 
 
-@cached_program(static_argnames=("model", "n_init", "max_iter", "tol", "mesh"))
+@cached_program(static_argnames=("model", "n_init", "max_iter", "tol", "mesh", "batch_size"))
 def fit_replicates(model, designs, keys: jax.Array, *, n_init: int, max_iter: int, tol: float,
-                   mesh: Mesh | None = None) -> EMResult:
+                   mesh: Mesh | None = None, batch_size: int | None = None) -> EMResult:
     """:func:`mtl_jax.infer.em.em_fit` vmapped over replicate designs ``[R, ...]`` and keys ``[R]``.
 
-    All ``R x n_init`` EM runs of a device share one ``lax.while_loop``, which stops when
-    the slowest of them does; each replicate still reports its own iteration count. With
-    a ``mesh`` the replicates are split over its devices
+    The ``batch_size x n_init`` EM runs of a batch of replicates (``None``: all ``R``)
+    share one ``lax.while_loop``, which stops when the slowest of them does; the batches
+    run one after another; each replicate still reports its own iteration count. With a
+    ``mesh`` the replicates are split over its devices
     (:func:`mtl_jax.infer.sharding.batch_map`; ``R`` a multiple of the device count, see
-    :func:`~mtl_jax.infer.sharding.place_batch`), each device running its own loop.
+    :func:`~mtl_jax.infer.sharding.place_batch`), each device running its own loops.
     """
     fit_one = functools.partial(em_fit, model, n_init=n_init, max_iter=max_iter, tol=tol)
-    return batch_map(fit_one, mesh)(designs, keys)
+    return batch_map(fit_one, mesh, batch_size)(designs, keys)
 
 
 def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> dict:
@@ -134,11 +136,14 @@ def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Che
             EM settings ``n_init``, ``max_iter``, ``tol``, ``dtype`` (``None`` for
             JAX's default float, ``"float32"`` or ``"float64"``), and ``devices``: the
             number of devices the replicates are split over (``None``: every device,
-            :func:`jax.device_count`; any ``R`` works, padded to a multiple).
+            :func:`jax.device_count`; any ``R`` works, padded to a multiple), and
+            ``replicate_batch``: replicates fitted at once on a device
+            (:func:`replicate_batch`; ``"auto"``: one at a time on the CPU, all on an
+            accelerator).
         progress: print one line per fitted model and the final table.
         checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
             default none). A unit is one ``(g, model)`` pair: all ``R`` replicates, fitted
-            in one vmapped call, are the work in flight that a killed run loses.
+            in one compiled call, are the work in flight that a killed run loses.
 
     Returns:
         A JSON-serialisable dict: the resolved ``config``, the ``dtype`` used, the
@@ -158,7 +163,8 @@ def run_simulation_study(config: dict, *, progress: bool = True, checkpoint: Che
         raise ValueError(f"unknown simulation_study settings {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
     config = {**DEFAULT_CONFIG, **config}
     dtype = resolve_dtype(config["dtype"])
-    resolve_devices(config["devices"])  # a bad count fails before any work
+    resolve_devices(config["devices"])  # a bad count or batch fails before any work
+    replicate_batch(config["replicate_batch"])
     num_replicates = int(config["replicates"])
     root = jax.random.key(int(config["seed"]))
     checkpoint = checkpoint or Checkpoint()
@@ -217,23 +223,41 @@ def replicate_mesh(devices: int | None, replicates: int) -> Mesh | None:
     return device_mesh(count) if count > 1 else None
 
 
-def run_replicates(model, designs, keys, *, devices: int | None, n_init: int, max_iter: int, tol: float):
+def replicate_batch(batch: int | str | None = "auto") -> int | None:
+    """Replicates fitted at once (:func:`fit_replicates`'s ``batch_size``) for a study's setting.
+
+    ``"auto"``: one at a time on the CPU, where a batch costs its size times one fit (each
+    replicate then stops at its own slowest restart instead of the batch's), all at once
+    on an accelerator, which a single small fit leaves idle. ``None``: all at once; an
+    integer: that many.
+    """
+    if batch == "auto":
+        return 1 if jax.default_backend() == "cpu" else None
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"replicate_batch must be 'auto', null or a positive integer, got {batch!r}")
+    return batch
+
+
+def run_replicates(model, designs, keys, *, devices: int | None, n_init: int, max_iter: int, tol: float,
+                   batch: int | str | None = None):
     """:func:`fit_replicates` compiled (once per model, EM options, mesh and shapes in this
-    process) and run, its replicates split over ``devices`` (:func:`replicate_mesh`).
+    process) and run, its replicates split over ``devices`` (:func:`replicate_mesh`) and
+    fitted ``batch`` at a time on each (:func:`replicate_batch`).
 
     Returns:
         A :class:`~mtl_jax.experiments.common.TimedRun` whose output (host arrays when
         sharded) has the ``R`` replicates of ``designs``.
     """
     mesh = replicate_mesh(devices, len(keys))
-    static = dict(model=model, n_init=int(n_init), max_iter=int(max_iter), tol=float(tol), mesh=mesh)
+    static = dict(model=model, n_init=int(n_init), max_iter=int(max_iter), tol=float(tol), mesh=mesh,
+                  batch_size=replicate_batch(batch))
     return compile_and_run(fit_replicates, static=static, cache=True, batch_mesh=mesh, designs=designs, keys=keys)
 
 
 def _timed_fit(model, designs, keys, config) -> tuple[EMResult, dict]:
     """The replicate fits (:func:`run_replicates`) and their timings."""
     run = run_replicates(model, designs, keys, devices=config["devices"], n_init=config["n_init"],
-                         max_iter=config["max_iter"], tol=config["tol"])
+                         max_iter=config["max_iter"], tol=config["tol"], batch=config["replicate_batch"])
     fits = run.output
     n_iter = np.asarray(fits.n_iter)
     return fits, {

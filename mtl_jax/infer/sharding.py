@@ -149,15 +149,23 @@ def gather_batch(tree, size: int):
     return jax.tree_util.tree_map(lambda leaf: leaf[:size], to_host(tree))
 
 
-def batch_map(fn: Callable, mesh: Mesh | None = None) -> Callable:
+def batch_map(fn: Callable, mesh: Mesh | None = None, batch_size: int | None = None) -> Callable:
     """``jax.vmap(fn)`` over the leading axis of every argument, split over ``mesh``'s devices.
 
     Without a mesh (or with one device) this is ``jax.vmap(fn)``. Otherwise each device
     maps ``fn`` over its own ``R'/N`` elements inside ``jax.shard_map`` (no communication);
     the arguments' leading size must be a multiple of ``mesh.size`` (:func:`place_batch`),
     and the outputs keep the leading axis, sharded the same way. Call it inside ``jax.jit``.
+
+    ``batch_size`` maps a device's elements ``batch_size`` at a time, one batch after
+    another (``jax.lax.map``): a loop inside ``fn`` then stops when the slowest element of
+    its batch does, not of all of them. ``None``: all at once.
     """
-    mapped = jax.vmap(fn)
+    if batch_size is None:
+        mapped = jax.vmap(fn)
+    else:
+        def mapped(*args):
+            return jax.lax.map(lambda element: fn(*element), args, batch_size=batch_size)
     if mesh is None or mesh.size == 1:
         return mapped
     # check_vma=False: the elements never communicate, and loops inside model code start
