@@ -151,15 +151,14 @@ class CachedProgram:
     """``jax.jit(fun, static_argnames=...)``, served from the store when it is on (module docstring).
 
     Attribute access other than calling and lowering (``trace``, ...) goes to the ``jax.jit``
-    function without compiler options. As a method (decorating a function in a class body) the instance is the
-    first argument, and must be static like any other non-array argument.
+    function without compiler options. As a method (decorating a function in a class body)
+    the instance is the first argument, and must be static like any other non-array argument.
     """
 
     def __init__(self, fun: Callable, static_argnames: tuple[str, ...]):
         self._by_options = {(): jax.jit(fun, static_argnames=static_argnames)}
         self.jitted = self._by_options[()]
         self._fun = fun
-        self._static = frozenset(static_argnames)
         self._static_argnames = static_argnames
         self._names = tuple(inspect.signature(fun).parameters)
         self._served: dict[Any, Any] = {}
@@ -241,8 +240,8 @@ class CachedProgram:
         store, or ``None``: plain jit."""
         if _state["directory"] is None:
             return None
-        static = tuple(sorted((name, value) for name, value in bound.items() if name in self._static))
-        dynamic = {name: value for name, value in bound.items() if name not in self._static}
+        static = tuple(sorted((name, value) for name, value in bound.items() if name in self._static_argnames))
+        dynamic = {name: value for name, value in bound.items() if name not in self._static_argnames}
         leaves, in_tree = jax.tree_util.tree_flatten(dynamic)
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return None
