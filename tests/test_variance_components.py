@@ -183,3 +183,95 @@ def test_em_fit_reports_standard_errors_for_every_parameter():
     se = result.summary()["se"]
     assert list(se.index) == list(result.named_parameters())
     assert np.all(np.isfinite(se.to_numpy())) and np.all(se.to_numpy() > 0)
+
+
+def test_mixture_dispersion_se_is_the_inverse_hessian_of_the_converged_laplace_marginal():
+    """g = 2, mixing and component random intercepts: the Laplace marginal's Hessian in
+    (sigma_1^2, sigma_2^2, Lambda, phi_1, phi_2), against central differences of a Laplace
+    approximation written here, whose per-task modes are Newton-iterated to machine precision
+    at every perturbed point (the mode moves with the variances; its derivatives must be
+    carried into the log-determinant)."""
+    study = simulate_study(jax.random.key(3), 2, num_tasks=8, n_per_task=60)
+    model, design = MixtureGLMM(2), study.train
+    params = em_fit(model, design, jax.random.key(0), n_init=2, max_iter=500).params
+    K = design.num_tasks
+    y = design.y.reshape(K, -1)
+    x, x_mix = design.x_comp.reshape(K, y.shape[1], -1), design.x_mix.reshape(K, y.shape[1], -1)
+    v, w = params.mixing_coef[0], params.component_coef[:, :, 0]
+    start = jnp.concatenate([params.mixing_effects, params.component_effects.reshape(K, 2)], axis=1)  # the BLUPs
+
+    def task_log_joint(u, y_i, x_i, xm_i, theta):  # u = (a, b_1, b_2)
+        logit = xm_i @ v + u[0]
+        log_pi = jnp.stack([jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)], axis=-1)
+        dens = jax.scipy.stats.norm.logpdf(y_i[:, None], x_i @ w.T + u[1:], jnp.sqrt(theta[:2]))
+        prior = jax.scipy.stats.norm.logpdf(u, 0.0, jnp.sqrt(theta[2:])).sum()
+        return jax.nn.logsumexp(log_pi + dens, axis=-1).sum() + prior
+
+    @jax.jit
+    def laplace(theta):
+        def one_task(y_i, x_i, xm_i, u):
+            grad = jax.grad(task_log_joint)
+            hess = jax.hessian(task_log_joint)
+            u = jax.lax.fori_loop(0, 60, lambda _, u: u - jnp.linalg.solve(hess(u, y_i, x_i, xm_i, theta),
+                                                                            grad(u, y_i, x_i, xm_i, theta)),
+                                  u)
+            _, logdet = jnp.linalg.slogdet(-hess(u, y_i, x_i, xm_i, theta))
+            return task_log_joint(u, y_i, x_i, xm_i, theta) + 1.5 * np.log(2 * np.pi) - 0.5 * logdet
+        return jax.vmap(one_task)(y, x, x_mix, start).sum()
+
+    theta = np.array([*np.asarray(params.component_cov)[:, 0, 0], float(params.mixing_cov[0, 0]),
+                      *np.asarray(params.component_effects_cov)[:, 0, 0]])
+    assert abs(float(laplace(theta)) - float(model.laplace(params, design)[0])) < 1e-8
+    step = 1e-3 * theta
+    hess = np.zeros((5, 5))
+    for a in range(5):
+        for b in range(5):
+            ea, eb = np.eye(5)[a] * step[a], np.eye(5)[b] * step[b]
+            hess[a, b] = (laplace(theta + ea + eb) - laplace(theta + ea - eb) - laplace(theta - ea + eb)
+                          + laplace(theta - ea - eb)) / (4 * step[a] * step[b])
+    want = np.sqrt(np.diag(np.linalg.inv(-hess)))
+    fields = ("component_cov", "mixing_cov", "component_effects_cov")
+    got = np.sqrt(np.diagonal(np.asarray(marginal_covariance(model, params, design, fields))))
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def test_membership_per_task_standard_errors_are_the_inverse_hessian_of_the_exact_marginal():
+    """Membership per task, Gaussian, random intercepts: the observed information of the
+    marginal in (v, W, Sigma, Phi), against the Hessian of the exact marginal written here
+    densely, sum_i log sum_h pi_h N(y_i; X_i w_h, sigma_h^2 I + phi_h 1 1^T). The task
+    effects' modes move with the fixed effects: an intercept's standard error counts the
+    spread of the task intercepts, not only the rows within each task."""
+    import equinox as eqx
+    from jax.scipy.stats import multivariate_normal as mvn
+
+    study = simulate_study(jax.random.key(5), 2, num_tasks=12, n_per_task=40)
+    design = eqx.tree_at(lambda d: d.x_mix, study.train, jnp.ones((study.train.y.shape[0], 1)))
+    model = MixtureGLMM(2, membership="task")
+    params = em_fit(model, design, jax.random.key(0), n_init=2, max_iter=500).params  # phi = (0.36, 0.42)
+    K = design.num_tasks
+    y = design.y.reshape(K, -1)
+    x = design.x_comp.reshape(K, y.shape[1], -1)
+    ones = jnp.ones((y.shape[1], y.shape[1]))
+
+    def exact_marginal(v0, w, s2, phi):
+        log_pi = jnp.array([jax.nn.log_sigmoid(v0), jax.nn.log_sigmoid(-v0)])
+
+        def task(y_i, x_i):
+            dens = jnp.stack([mvn.logpdf(y_i, x_i @ w[h], s2[h] * jnp.eye(y_i.shape[0]) + phi[h] * ones)
+                              for h in range(2)])
+            return jax.nn.logsumexp(log_pi + dens)
+        return jax.vmap(task)(y, x).sum()
+
+    def flat_marginal(theta):
+        q = x.shape[-1]
+        return exact_marginal(theta[0], theta[1:1 + 2 * q].reshape(2, q), theta[1 + 2 * q:3 + 2 * q], theta[3 + 2 * q:])
+
+    theta = jnp.concatenate([params.mixing_coef.ravel(), params.component_coef.ravel(),
+                             params.component_cov.ravel(), params.component_effects_cov.ravel()])
+    np.testing.assert_allclose(float(model.laplace(params, design)[0]), float(flat_marginal(theta)), rtol=1e-12)
+    information = -np.asarray(jax.hessian(flat_marginal)(theta))
+    assert np.linalg.eigvalsh(information)[0] > 0  # a maximum
+    want = np.sqrt(np.diag(np.linalg.inv(information)))
+    fields = ("mixing_coef", "component_coef", "component_cov", "component_effects_cov")
+    got = np.sqrt(np.diagonal(np.asarray(marginal_covariance(model, params, design, fields))))
+    np.testing.assert_allclose(got, want, rtol=1e-6)

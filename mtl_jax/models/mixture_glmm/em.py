@@ -91,7 +91,7 @@ def task_responsibilities(model, params: MixtureParams, design: MixtureDesign):
     """
     log_m, _ = class_log_marginals(params, design, model.response_family,
                                    use_component=model.component_random_effects,
-                                   quadrature_points=model.quadrature_points)
+                                   quadrature_points=model.quadrature_points, derivatives=False)
     joint = task_log_proportions(params, design) + log_m
     total = jax.nn.logsumexp(joint, axis=-1)
     return joint - total[:, None], total.sum()

@@ -37,6 +37,12 @@ inverted jointly (forward-mode second derivatives).
 marginal log-likelihood (exact for Gaussian components, Laplace otherwise) in all free
 population parameters :math:`(v, W, \Sigma, \Phi)`, inverted jointly.
 
+In both, the marginal's second derivatives include the modes' own derivatives in the
+parameters (the Laplace value sits at the mode :math:`\hat u(\theta)`, which moves with
+:math:`\theta`): :func:`~mtl_jax.models.mixture_glmm.likelihood.implicit_newton_steps`,
+never the derivatives of the Newton ascent's loop (which stops where it starts when the
+stored effects already are the modes, and then holds them fixed).
+
 **Conditional sds of the effects** (:func:`effect_sds`, lme4's ``condVar``): the square
 roots of the diagonal of :math:`D_i^{-1}`, the inverse penalised information of task
 ``i``'s effects given the fixed effects.
