@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+import yaml
+from support import run_main
 
 from mtl_jax.experiments import EXPERIMENTS, run_experiment
 from mtl_jax.experiments.table2 import PAPER_TABLE2
@@ -80,16 +82,26 @@ def test_models_setting_fits_only_the_named_models(tiny_study):
         run_experiment({**TINY, "models": ["glmm"]}, progress=False)
 
 
-def test_replicates_one_at_a_time_equal_all_at_once():
+def test_replicates_one_at_a_time_equal_all_at_once(tmp_path):
     """``replicate_batch``: each replicate's fit does not depend on how many share its loop
-    (float64, where the batched and single programs agree to rounding); a bad value fails early."""
+    (float64, where the batched and single programs agree to rounding); the single ones run
+    through ``mtl-jax run``, as a user runs a study; a bad value fails early (exit status 2
+    from the command line, naming the setting, before any fit)."""
     config = {**TINY, "models": ["independence"], "dtype": "float64", "max_iter": 500}
     batched = run_experiment({**config, "replicate_batch": None}, progress=False)
-    single = run_experiment({**config, "replicate_batch": 1}, progress=False)
+    path = tmp_path / "one_at_a_time.yaml"
+    path.write_text(yaml.safe_dump({**config, "replicate_batch": 1}))
+    run = run_main(["run", str(path), "--out-dir", str(tmp_path)])
+    assert run.status == 0, run.err
+    single = json.loads((tmp_path / "one_at_a_time.json").read_text())
     for name in ("loglik", "explained_variance", "bias_w", "n_iter", "converged"):
         np.testing.assert_allclose(single["results"]["2"]["independence"]["per_replicate"][name],
                                    batched["results"]["2"]["independence"]["per_replicate"][name], rtol=1e-8,
                                    err_msg=name)
-    for bad in (0, "all", 1.5):
+    path.write_text(yaml.safe_dump({**config, "replicate_batch": 0}))
+    run = run_main(["run", str(path), "--out-dir", str(tmp_path / "bad")])
+    assert run.status == 2 and "replicate_batch" in run.err and "Traceback" not in run.err, run.err
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.json"))
+    for bad in ("all", 1.5):
         with pytest.raises(ValueError, match="replicate_batch"):
             run_experiment({**config, "replicate_batch": bad}, progress=False)
