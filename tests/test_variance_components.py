@@ -28,6 +28,18 @@ from mtl_jax.models.mixture_glmm.variance import (
 )
 
 
+def central_hessian(f, theta, step):
+    """Central second differences of a scalar ``f`` at ``theta`` with per-coordinate ``step``."""
+    m = theta.size
+    hess = np.zeros((m, m))
+    for a in range(m):
+        for b in range(m):
+            ea, eb = np.eye(m)[a] * step[a], np.eye(m)[b] * step[b]
+            hess[a, b] = (f(theta + ea + eb) - f(theta + ea - eb) - f(theta - ea + eb) + f(theta - ea - eb)) / (
+                4 * step[a] * step[b])
+    return hess
+
+
 def dense_general_information(model, params, design):
     """Pi = -Hessian of L over (v, W, a, b) densely; H = Pi^-1; 1/2 tr(X E_c X E_d) over all K tasks."""
     K = design.num_tasks
@@ -162,13 +174,7 @@ def test_lmm_residual_se_is_the_inverse_observed_information_of_the_marginal():
         return sum(multivariate_normal(b[1] @ w, b[2]).logpdf(b[0]) for b in blocks)
 
     theta = np.array([sigma[0, 0], sigma[0, 1], sigma[1, 1], phi[0], phi[1]])
-    step = 1e-4 * np.maximum(np.abs(theta), 0.1)
-    hess = np.zeros((5, 5))
-    for a in range(5):
-        for b in range(5):
-            ea, eb = np.eye(5)[a] * step[a], np.eye(5)[b] * step[b]
-            hess[a, b] = (loglik(theta + ea + eb) - loglik(theta + ea - eb) - loglik(theta - ea + eb)
-                          + loglik(theta - ea - eb)) / (4 * step[a] * step[b])
+    hess = central_hessian(loglik, theta, 1e-4 * np.maximum(np.abs(theta), 0.1))
     want = np.sqrt(np.diag(np.linalg.inv(-hess)))[:3]
     fields = ("component_cov", "component_effects_cov")
     got = np.sqrt(np.diagonal(np.asarray(marginal_covariance(model, params, design, fields))))[:3]
@@ -222,13 +228,7 @@ def test_mixture_dispersion_se_is_the_inverse_hessian_of_the_converged_laplace_m
     theta = np.array([*np.asarray(params.component_cov)[:, 0, 0], float(params.mixing_cov[0, 0]),
                       *np.asarray(params.component_effects_cov)[:, 0, 0]])
     assert abs(float(laplace(theta)) - float(model.laplace(params, design)[0])) < 1e-8
-    step = 1e-3 * theta
-    hess = np.zeros((5, 5))
-    for a in range(5):
-        for b in range(5):
-            ea, eb = np.eye(5)[a] * step[a], np.eye(5)[b] * step[b]
-            hess[a, b] = (laplace(theta + ea + eb) - laplace(theta + ea - eb) - laplace(theta - ea + eb)
-                          + laplace(theta - ea - eb)) / (4 * step[a] * step[b])
+    hess = central_hessian(lambda t: float(laplace(t)), theta, 1e-3 * theta)
     want = np.sqrt(np.diag(np.linalg.inv(-hess)))
     fields = ("component_cov", "mixing_cov", "component_effects_cov")
     got = np.sqrt(np.diagonal(np.asarray(marginal_covariance(model, params, design, fields))))
