@@ -589,13 +589,32 @@ def bordered_solve(
     def row_gradients(resid):
         return jnp.einsum("nmd,nd->m", centred, resid), segment_sum(jnp.einsum("nrd,nd->nr", B, resid), task, K)
 
-    beta, b = _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps)
+    beta, b = _refined_solve(predict, row_gradients, lambda eta: jnp.einsum("nde,ne->nd", W, eta), u, Q, h, F0,
+                             chol_P, chol_D, centre, refinement_steps)
     return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv, M)
+
+
+class KronWeights(NamedTuple):
+    r"""Row weights that factor as :math:`W_j = w_j S`: a scalar per row times one shared matrix.
+
+    A Gaussian component's :math:`\tau_j\Sigma^{-1}`. :func:`kron_bordered_solve` then sums
+    the scalar weights over the rows and multiplies by :math:`S` after the sum (sums of
+    ``[n]`` and ``[n, q]`` rows instead of ``[n, d, d]`` and ``[n, q, d, d]``), and its
+    row sums do not change with :math:`S`: where the row weights are constant (one
+    component, :math:`\tau_j = 1`) XLA computes them once, outside an EM loop.
+
+    Attributes:
+        rows: :math:`w_j` ``[n]``.
+        shared: symmetric PSD :math:`S` ``[d, d]``.
+    """
+
+    rows: Float[Array, " n"]
+    shared: Float[Array, "d d"]
 
 
 def kron_bordered_solve(
     x: Float[Array, "n q"],
-    weights: Float[Array, "n d d"],
+    weights: Float[Array, "n d d"] | KronWeights,
     grads: Float[Array, "n d"],
     task: Int[Array, " n"],
     num_tasks: int,
@@ -641,7 +660,8 @@ def kron_bordered_solve(
     Args:
         x: shared covariates ``[n, q]``; :math:`\beta` is :math:`\operatorname{vec}` of a
             ``[q, d]`` coefficient matrix, row-major (the layout of :func:`kron_rows`).
-        weights, grads, task, num_tasks, random_prior_prec, random_prior_grad,
+        weights: :math:`W_j` ``[n, d, d]``, or :class:`KronWeights` when they factor.
+        grads, task, num_tasks, random_prior_prec, random_prior_grad,
         fixed_prior_prec, refinement_steps: as in :func:`bordered_solve`, with ``r = d``.
         random_intercepts: whether the tasks have random intercepts :math:`b_i\in\mathbb R^d`
             (static); ``False`` gives weighted least squares, as ``r = 0`` does there.
@@ -649,27 +669,25 @@ def kron_bordered_solve(
     Returns:
         :class:`BorderedSolution`, as from :func:`bordered_solve`.
     """
-    W = _as_float(weights)
-    dtype = jnp.result_type(W, _as_float(x), grads)
-    W = W.astype(dtype)
+    dtype = jnp.result_type(*map(_as_float, jax.tree_util.tree_leaves(weights)), _as_float(x), grads)
+    weights = jax.tree_util.tree_map(lambda w: jnp.asarray(w, dtype), weights)
     x = jnp.asarray(x, dtype)
     u = jnp.asarray(grads, dtype)
     task = jnp.asarray(task)
     K = num_tasks
-    q, d = x.shape[1], W.shape[-1]
+    q, d = x.shape[1], (weights.shared if isinstance(weights, KronWeights) else weights).shape[-1]
     m, r = q * d, d if random_intercepts else 0
     Q = jnp.broadcast_to(jnp.asarray(random_prior_prec, dtype), (K, r, r))
     h = jnp.zeros((K, r), dtype) if random_prior_grad is None else jnp.asarray(random_prior_grad, dtype)
     F0 = None if fixed_prior_prec is None else jnp.asarray(fixed_prior_prec, dtype)
     eye = jnp.eye(d, dtype=dtype)
 
+    x_mean, x_rows = _centred_within_tasks(x, task, K) if r > 0 else (None, x)
+    M, c_tilde, gram = _weighted_task_sums(weights, x_rows, task, K, with_tasks=r > 0)
     if r > 0:
-        x_mean, x_rows = _centred_within_tasks(x, task, K)
-        M = segment_sum(W, task, K)
         D = M + Q
         chol_D = psd_cholesky(_symmetrise(D))
         random_prec_inv = _cho_inverse(chol_D)
-        c_tilde = segment_outer_sum(x_rows, W, task, K).reshape(K, m, d)
         numerator_t = jnp.swapaxes(jnp.einsum("ia,irs->iars", x_mean, Q).reshape(K, m, r) - c_tilde, -1, -2)
         # E^T = D^{-1} (xbar (x) Q - C~)^T, polished once against the un-jittered D (module doc)
         offset_t = cho_solve(chol_D, numerator_t)  # [K, r, m]
@@ -677,12 +695,10 @@ def kron_bordered_solve(
         offset = jnp.swapaxes(offset_t, -1, -2)  # E [K, m, r]
         centre = jnp.einsum("ia,kl->iakl", x_mean, eye).reshape(K, m, r) - offset
     else:
-        x_rows = x
         chol_D = random_prec_inv = M = jnp.zeros((K, 0, 0), dtype)
         centre = offset = jnp.zeros((K, m, 0), dtype)
 
-    info = _design_product(x_rows, x_rows[:, :, None, None] * W[:, None]).reshape(q, q, d, d)
-    info = jnp.swapaxes(info, 1, 2).reshape(m, m)
+    info = jnp.swapaxes(gram, 1, 2).reshape(m, m)
     if r > 0:
         cross = jnp.einsum("imd,ikd->mk", c_tilde, offset)
         info = (info + cross + cross.T + jnp.einsum("imr,irs,iks->mk", offset, M, offset)
@@ -703,8 +719,41 @@ def kron_bordered_solve(
         resid_sums = segment_sum(resid, task, K)
         return grad_f + jnp.einsum("imr,ir->m", offset, resid_sums), resid_sums
 
-    beta, b = _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps)
+    beta, b = _refined_solve(predict, row_gradients, _weighting(weights), u, Q, h, F0, chol_P, chol_D, centre,
+                             refinement_steps)
     return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv, M)
+
+
+def _weighting(weights):
+    """:math:`\eta \mapsto (W_j\eta_j)_j`, ``[n, d] -> [n, d]``."""
+    if isinstance(weights, KronWeights):
+        return lambda eta: weights.rows[:, None] * jnp.einsum("de,ne->nd", weights.shared, eta)
+    return lambda eta: jnp.einsum("nde,ne->nd", weights, eta)
+
+
+def _weighted_task_sums(weights, x_rows, task, num_tasks: int, *, with_tasks: bool):
+    r"""The weighted sums over the rows of :func:`kron_bordered_solve`.
+
+    :math:`M_i = \sum_{j\in i}W_j` ``[K, d, d]``, :math:`\tilde C_i = \sum_{j\in i}\tilde x_j\otimes W_j`
+    ``[K, q d, d]`` (both only ``with_tasks``, else ``None``) and the Gram blocks
+    :math:`\sum_j \tilde x_j\tilde x_j^T\otimes W_j` as ``[q, q, d, d]``. With
+    :class:`KronWeights` the scalar weights are summed and :math:`S` multiplies the sums.
+    """
+    K = num_tasks
+    q = x_rows.shape[1]
+    if isinstance(weights, KronWeights):
+        w, S = weights
+        d = S.shape[-1]
+        gram = jnp.einsum("ab,kl->abkl", _design_product(x_rows, w[:, None] * x_rows), S)
+        if not with_tasks:
+            return None, None, gram
+        weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)
+        return (weight_sums[:, None, None] * S, jnp.einsum("ia,kl->iakl", weighted_x, S).reshape(K, q * d, d), gram)
+    d = weights.shape[-1]
+    gram = _design_product(x_rows, x_rows[:, :, None, None] * weights[:, None]).reshape(q, q, d, d)
+    if not with_tasks:
+        return None, None, gram
+    return segment_sum(weights, task, K), segment_outer_sum(x_rows, weights, task, K).reshape(K, q * d, d), gram
 
 
 def _design_product(x: Float[Array, "n q"], rows: Float[Array, "n ..."]) -> Float[Array, "q ..."]:
@@ -729,11 +778,12 @@ def _centred_within_tasks(x: Float[Array, "n q"], task: Int[Array, " n"], num_ta
     return x_mean, x - x_mean[task]
 
 
-def _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps: int):
+def _refined_solve(predict, row_gradients, weigh, u, Q, h, F0, chol_P, chol_D, centre, refinement_steps: int):
     r"""The closed-form solve (the step from zero) and ``refinement_steps`` refinement steps.
 
     Shared by :func:`bordered_solve` and :func:`kron_bordered_solve`, which differ only in
-    how the rows enter: ``predict(beta, b)`` gives :math:`\eta_j` ``[n, d]`` and
+    how the rows enter: ``weigh(eta)`` gives :math:`W_j\eta_j` ``[n, d]``,
+    ``predict(beta, b)`` gives :math:`\eta_j` ``[n, d]`` and
     ``row_gradients(resid)`` gives :math:`(\sum_j \tilde A_j r_j\ [m],\ \sum_{j\in i} B_j r_j\ [K, r])`
     (module docstring, "Iterative refinement").
 
@@ -741,10 +791,10 @@ def _refined_solve(predict, row_gradients, W, u, Q, h, F0, chol_P, chol_D, centr
         ``(beta [m], b [K, r])``.
     """
     K, m, r = centre.shape
-    beta = jnp.zeros((m,), W.dtype)
-    b = jnp.zeros((K, r), W.dtype)
+    beta = jnp.zeros((m,), u.dtype)
+    b = jnp.zeros((K, r), u.dtype)
     for step in range(1 + refinement_steps):
-        resid = u if step == 0 else u - jnp.einsum("nde,ne->nd", W, predict(beta, b))
+        resid = u if step == 0 else u - weigh(predict(beta, b))
         grad_f, grad_r = row_gradients(resid)
         if F0 is not None:
             grad_f = grad_f - F0 @ beta

@@ -34,6 +34,7 @@ from jaxtyping import Array, Float
 
 from mtl_jax.linalg import (
     BorderedSolution,
+    KronWeights,
     bordered_solve,
     diag_embed,
     is_positive_definite,
@@ -116,7 +117,9 @@ def em_step(model, params: MixtureParams, design: MixtureDesign, update_variance
     else:
         logits, eta = linear_predictors(params, design, params.mixing_effects, params.component_effects)
         joint = log_joint(model.response_family, logits, eta, params.component_cov, design)
-        tau = jax.nn.softmax(joint, axis=-1)
+        # One component: every row's weight is the constant 1, which keeps the weighted sums
+        # over the rows out of the EM loop (XLA computes loop-invariant values once).
+        tau = jax.nn.softmax(joint, axis=-1) if model.num_components > 1 else jnp.ones(joint.shape, joint.dtype)
         objective = jax.nn.logsumexp(joint, axis=-1).sum() + effects_log_prior(model, params)
         tau_tasks, row_weight = None, None
     adjustment = jnp.zeros((), objective.dtype)
@@ -325,15 +328,19 @@ def _kron_structured(model) -> bool:
     return not model.component_random_effects or model.random_intercept_only
 
 
-def _solve_component(model, design: MixtureDesign, weights, grads, prior_prec, prior_grad, ridge):
-    """The bordered fixed/random system of one component (random intercepts by the fast path)."""
+def _solve_component(model, design: MixtureDesign, weights: KronWeights, grads, prior_prec, prior_grad, ridge):
+    """The bordered fixed/random system of one component (random intercepts by the fast path).
+
+    ``weights``: the rows' :math:`W_j = w_j S`.
+    """
     y, x, z = design.y, design.x_comp, design.z_comp
     p = y.shape[1]
     if _kron_structured(model):
         return kron_bordered_solve(x, weights, grads, design.task, design.num_tasks, prior_prec,
                                    random_prior_grad=prior_grad, fixed_prior_prec=ridge,
                                    random_intercepts=model.component_random_effects)
-    return bordered_solve(kron_rows(x, p), kron_rows(z, p), weights, grads, design.task, design.num_tasks,
+    dense = weights.rows[:, None, None] * weights.shared
+    return bordered_solve(kron_rows(x, p), kron_rows(z, p), dense, grads, design.task, design.num_tasks,
                           prior_prec, random_prior_grad=prior_grad, fixed_prior_prec=ridge)
 
 
@@ -380,7 +387,7 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
     prior_prec = (task_weight[:, None, None] * psd_inverse(phi)[None]) if with_effects else jnp.zeros((0, 0), dtype)
     if family.is_gaussian:
         prec = psd_inverse(cov)
-        weights = tau[:, None, None] * prec
+        weights = KronWeights(tau, prec)
         target = y - design.offset[:, None]
         # In units of the data's second moment, not of the residual precision: the random
         # effects share the intercept, whose information (the Schur complement, about K / phi)
@@ -394,7 +401,9 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
         scatter = jnp.einsum("n,nk,nl->kl", tau, resid, resid)
         random_rows = kron_rows(effect_rows, p)[:, :d]
         if model.residual_update == "reml" and _kron_structured(model):
-            scatter += kron_row_covariance_sum(solution, x, task, tau * task_weight[task])
+            # (per observation the row weights are the solve's, so XLA shares their sums)
+            row_weights = tau if model.membership == "observation" else tau * task_weight[task]
+            scatter += kron_row_covariance_sum(solution, x, task, row_weights)
         elif model.residual_update == "reml":
             row_cov = row_covariance(solution, kron_rows(x, p), random_rows, task)
             scatter += jnp.einsum("n,nkl->kl", tau * task_weight[task], row_cov)
@@ -452,7 +461,7 @@ def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, ph
 
     score, weight = family.working(y, predictor(coef, effects), design.trials)
     prior_grad = -jnp.einsum("ikl,il->ik", prior_prec, effects.reshape(K, -1)) if with_effects else None
-    solution = _solve_component(model, design, (tau * weight)[:, None, None], (tau * score)[:, None],
+    solution = _solve_component(model, design, KronWeights(tau * weight, jnp.ones((1, 1), dtype)), (tau * score)[:, None],
                                 prior_prec, prior_grad, _ridge(model, q, n, dtype))
     step_w = solution.fixed.reshape(q, 1)
     step_b = solution.random.reshape(K, r_c, 1) if with_effects else jnp.zeros_like(effects)
