@@ -534,6 +534,8 @@ def working_response(model, design: MixtureDesign) -> Float[Array, "n p"]:
 def init(model, key: Array, design: MixtureDesign, init_var: float = 1.0) -> MixtureParams:
     """Random start: soft assignment by distance to ``g`` random OLS residuals, then one M-step.
 
+    (One component: every row's weight is 1, and the start does not depend on ``key``.)
+
     The least-squares fit of the component design to the working response
     (:func:`working_response`) gives residuals ``r``; ``g`` observations are drawn at random
     and each observation is softly assigned to them by ``exp(-g^2 |r_j - r_c|^2 / 2 s^2)``
@@ -551,15 +553,19 @@ def init(model, key: Array, design: MixtureDesign, init_var: float = 1.0) -> Mix
     ols = jnp.linalg.lstsq(x, y)[0]
     resid = y - x @ ols
     scale = resid.std(axis=0) + jnp.finfo(dtype).tiny
-    centres = resid[jax.random.choice(key, n, (g,), replace=False)]
-    dist2 = (((resid[:, None, :] - centres[None]) / scale) ** 2).sum(-1)
-    tau_tasks = None
-    if model.membership == "task":
-        counts = segment_sum(jnp.ones((n,), dtype), design.task, K)
-        tau_tasks = jax.nn.softmax(-segment_sum(dist2, design.task, K) / counts[:, None] * g**2 / 2.0, axis=-1)
-        tau = tau_tasks[design.task]
+    if g == 1:  # every weight is 1: no centres to draw (a draw without replacement sorts all n rows)
+        tau = jnp.ones((n, 1), dtype)
+        tau_tasks = jnp.ones((K, 1), dtype) if model.membership == "task" else None
     else:
-        tau = jax.nn.softmax(-dist2 * g**2 / 2.0, axis=-1)
+        centres = resid[jax.random.choice(key, n, (g,), replace=False)]
+        dist2 = (((resid[:, None, :] - centres[None]) / scale) ** 2).sum(-1)
+        tau_tasks = None
+        if model.membership == "task":
+            counts = segment_sum(jnp.ones((n,), dtype), design.task, K)
+            tau_tasks = jax.nn.softmax(-segment_sum(dist2, design.task, K) / counts[:, None] * g**2 / 2.0, axis=-1)
+            tau = tau_tasks[design.task]
+        else:
+            tau = jax.nn.softmax(-dist2 * g**2 / 2.0, axis=-1)
     resid_cov = jnp.cov(resid.T).reshape(p, p)
     family = model.response_family
     variances = jnp.diagonal(resid_cov) if family.is_gaussian else jnp.ones((p,), dtype)
