@@ -725,7 +725,7 @@ def kron_bordered_solve(
 
 
 def _weighting(weights):
-    """:math:`\eta \mapsto (W_j\eta_j)_j`, ``[n, d] -> [n, d]``."""
+    r""":math:`\eta \mapsto (W_j\eta_j)_j`, ``[n, d] -> [n, d]``."""
     if isinstance(weights, KronWeights):
         return lambda eta: weights.rows[:, None] * jnp.einsum("de,ne->nd", weights.shared, eta)
     return lambda eta: jnp.einsum("nde,ne->nd", weights, eta)
