@@ -3,7 +3,7 @@ r"""Float32 against float64: the same EM fits in both precisions over a grid of 
 ::
 
     python benchmarks/float32_grid.py --num-tasks 2 10 100 1000 10000 --components 1 2 4 \
-        --ratios 1e-2 1 1e2 1e4 1e6 --n-per-task 20 --json float32_grid.json
+        --ratios 1e-2 1 1e2 1e4 1e6 --n-per-task 20 --json results/float32_grid.json
 
 For every cell of the grid (number of components ``g``, number of tasks ``K``, and the
 ratio ``r = n_i phi / sigma^2`` of a task's random-effect information to its residual
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--same-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the float32 fit from the float64 estimate (default: on)")
-    parser.add_argument("--json", type=Path, default=Path("float32_grid.json"), help="output file")
+    parser.add_argument("--json", type=Path, default=Path("results/float32_grid.json"), help="output file")
     args = parser.parse_args(argv)
     if min(args.components) < 1 or min(args.num_tasks) < 1 or args.n_per_task < 1:
         parser.error("--components, --num-tasks and --n-per-task must be positive")

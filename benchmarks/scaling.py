@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/scaling.py --num-tasks 10000 --n 1000000 --components 2 --json scaling.json
+    python benchmarks/scaling.py --num-tasks 10000 --n 1000000 --components 2 --json results/scaling.json
 
 Generates a large design on the device (``x = (1, four N(0, 1))``, balanced or random
 task sizes, responses from ``MixtureGLMM(g)`` with the Table 1 parameters and random
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--iterations", type=int, default=10, help="EM steps per timed em_step run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the floor and em_step (median)")
-    parser.add_argument("--json", type=Path, default=Path("scaling.json"), help="output file")
+    parser.add_argument("--json", type=Path, default=Path("results/scaling.json"), help="output file")
     args = parser.parse_args(argv)
 
     dtype = resolve_dtype(args.dtype)

@@ -4,7 +4,7 @@ r"""Speed of Sequential LDA's EM: one HMM against hmmlearn and dynamax, LDA agai
 
     python benchmarks/sequence_speed.py --sequences 2000 --length 100 --symbols 20 --states 5 \
         --documents 2000 --tokens-per-document 100 --vocabulary 1000 --topics 10 \
-        --scaling-tasks 20 --scaling-per-task 100 --scaling-factors 1 10 100 --json sequence_speed.json
+        --scaling-tasks 20 --scaling-per-task 100 --scaling-factors 1 10 100 --json results/sequence_speed.json
 
 Every time is seconds per EM iteration, warm: our steps are compiled ahead of time and run
 once (compile time reported apart), then the median of ``--repeats`` runs is taken. The
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inner-iterations", type=int, default=20, help="E-step rounds per EM iteration, (b) and (c)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=Path("sequence_speed.json"), help="output file")
+    parser.add_argument("--json", type=Path, default=Path("results/sequence_speed.json"), help="output file")
     return parser
 
 

@@ -3,7 +3,7 @@ r"""Speed of the EM fits: one fit, vmapped replicates vs a Python loop, and two 
 ::
 
     python benchmarks/speed.py --num-tasks 10 --n-per-task 1000 --components 2 \
-        --replicates 4 --n-init 4 --iterations 50 --repeats 3 --json speed.json
+        --replicates 4 --n-init 4 --iterations 50 --repeats 3 --json results/speed.json
 
 Data are replicates of the paper's simulation study (Table 1 design). Every jitted fit is
 compiled ahead of time and run once (its ``compile_seconds`` and ``first_run_seconds`` are
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    parser.add_argument("--json", type=Path, default=Path("speed.json"), help="output file")
+    parser.add_argument("--json", type=Path, default=Path("results/speed.json"), help="output file")
     return parser
 
 
