@@ -18,6 +18,7 @@ from scipy.linalg import block_diag
 from scipy.stats import multivariate_normal
 from support import random_problem
 
+import mtl_jax
 from mtl_jax.experiments.simulation import simulate_study
 from mtl_jax.infer.em import em_fit
 from mtl_jax.models.mixture_glmm import MixtureGLMM
@@ -275,3 +276,15 @@ def test_membership_per_task_standard_errors_are_the_inverse_hessian_of_the_exac
     fields = ("mixing_coef", "component_coef", "component_cov", "component_effects_cov")
     got = np.sqrt(np.diagonal(np.asarray(marginal_covariance(model, params, design, fields))))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    # The same through the public fit (same key, same fit), by the summary's names; and in float32.
+    names = (["v[1, x0]"] + [f"w[{h}, x{k}]" for h in (1, 2) for k in range(x.shape[-1])]
+             + ["sigma2[1]", "sigma2[2]", "phi[1]", "phi[2]"])
+    fitted = mtl_jax.fit(model, design, "em", seed=0, n_init=2, max_iter=500)
+    assert fitted.converged and not fitted.warnings
+    np.testing.assert_allclose([fitted.diagnostics["standard_errors"][name] for name in names], want, rtol=1e-6)
+    with jax.enable_x64(False):
+        single = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype.kind == "f" else a, design)
+        fitted32 = mtl_jax.fit(model, single, "em", seed=0, n_init=2, max_iter=500)
+    assert fitted32.converged
+    se32 = [fitted32.diagnostics["standard_errors"][name] for name in names]
+    np.testing.assert_allclose(se32, want, rtol=1e-3)

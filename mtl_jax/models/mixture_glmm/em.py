@@ -401,7 +401,8 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
         scatter = jnp.einsum("n,nk,nl->kl", tau, resid, resid)
         random_rows = kron_rows(effect_rows, p)[:, :d]
         if model.residual_update == "reml" and _kron_structured(model):
-            # (per observation the row weights are the solve's, so XLA shares their sums)
+            # per observation the row weights are the solve's, whose sums XLA then shares
+            # (one scatter and one product over the rows fewer per component)
             row_weights = tau if model.membership == "observation" else tau * task_weight[task]
             scatter += kron_row_covariance_sum(solution, x, task, row_weights)
         elif model.residual_update == "reml":
@@ -461,8 +462,8 @@ def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, ph
 
     score, weight = family.working(y, predictor(coef, effects), design.trials)
     prior_grad = -jnp.einsum("ikl,il->ik", prior_prec, effects.reshape(K, -1)) if with_effects else None
-    solution = _solve_component(model, design, KronWeights(tau * weight, jnp.ones((1, 1), dtype)), (tau * score)[:, None],
-                                prior_prec, prior_grad, _ridge(model, q, n, dtype))
+    solution = _solve_component(model, design, KronWeights(tau * weight, jnp.ones((1, 1), dtype)),
+                                (tau * score)[:, None], prior_prec, prior_grad, _ridge(model, q, n, dtype))
     step_w = solution.fixed.reshape(q, 1)
     step_b = solution.random.reshape(K, r_c, 1) if with_effects else jnp.zeros_like(effects)
     coef, effects = halved_step(objective, (coef, effects), (step_w, step_b))

@@ -16,6 +16,7 @@ closed form, mixing effects by Gauss-Hermite quadrature).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -226,6 +227,24 @@ def implicit_newton_steps(task_derivatives, mode: Float[Array, "K r"], steps: in
     return jax.lax.fori_loop(0, steps, newton, jax.lax.stop_gradient(mode))
 
 
+def differentiable_mode(task_functions, args: tuple, start: Float[Array, "K r"], steps: int):
+    """Each task's mode, by :func:`newton_ascent` on the functions of the gradient-stopped ``args``,
+    carrying its derivatives in ``args`` (:func:`implicit_newton_steps` of the live functions).
+
+    Args:
+        task_functions: ``*args -> (task_value, task_derivatives, ...)``.
+        args: the arguments the functions depend on (differentiated).
+        start: ``[K, r]``.
+        steps: most Newton steps of the ascent (static).
+
+    Returns:
+        ``(u, decrement)`` as from :func:`newton_ascent`.
+    """
+    frozen_value, frozen_derivatives = task_functions(*jax.lax.stop_gradient(args))[:2]
+    u, decrement = newton_ascent(frozen_value, frozen_derivatives, jax.lax.stop_gradient(start), steps)
+    return implicit_newton_steps(task_functions(*args)[1], u), decrement
+
+
 def _laplace_terms(values, hess, decrement, counts, r: int):
     r"""Per-task Laplace values :math:`f_i + \tfrac r2\log2\pi - \tfrac12\log\det(-H_i)` and validity.
 
@@ -276,15 +295,12 @@ def laplace_log_marginal(
     dtype = design.y.dtype
     # Rows of unseen tasks have no effects of their own here: they are left out.
     task = jnp.where(design.task < K, design.task, K)
-    task_value, task_derivatives, r = _joint_task_functions(params, design, family, task, use_mixing, use_component)
-    # The mode without derivatives; its derivatives in the parameters by implicit_newton_steps.
-    frozen_value, frozen_derivatives, _ = _joint_task_functions(jax.lax.stop_gradient(params), design, family, task,
-                                                                use_mixing, use_component)
+    functions = functools.partial(_joint_task_functions, design=design, family=family, task=task,
+                                  use_mixing=use_mixing, use_component=use_component)
+    task_value, task_derivatives, r = functions(params)
     parts = ([params.mixing_effects] if use_mixing else []) + (
         [params.component_effects.reshape(K, -1)] if use_component else [])
-    start = jax.lax.stop_gradient(jnp.concatenate(parts, axis=1))
-    u, decrement = newton_ascent(frozen_value, frozen_derivatives, start, newton_steps)
-    u = implicit_newton_steps(task_derivatives, u)
+    u, decrement = differentiable_mode(functions, (params,), jnp.concatenate(parts, axis=1), newton_steps)
     counts = segment_sum(jnp.ones_like(design.task, dtype), task, K + 1)[:K]
     values, ok = _laplace_terms(task_value(u), task_derivatives(u)[1], decrement, counts, r)
     value = jnp.sum(values)
@@ -405,13 +421,14 @@ def class_log_marginals(
     d = r_c * p
 
     def one_component(means, cov, effects_cov, start):
-        task_value, task_derivatives = _class_functions(family, design, task, K, means, cov, effects_cov, r_c)
-        if not derivatives:
+        def functions(means, cov, effects_cov):
+            return _class_functions(family, design, task, K, means, cov, effects_cov, r_c)
+
+        task_value, task_derivatives = functions(means, cov, effects_cov)
+        if derivatives:
+            u, decrement = differentiable_mode(functions, (means, cov, effects_cov), start, newton_steps)
+        else:
             u, decrement = newton_ascent(task_value, task_derivatives, start, newton_steps)
-        else:  # the mode without derivatives; its derivatives by implicit_newton_steps
-            frozen = _class_functions(family, design, task, K, *jax.lax.stop_gradient((means, cov, effects_cov)), r_c)
-            u, decrement = newton_ascent(*frozen, jax.lax.stop_gradient(start), newton_steps)
-            u = implicit_newton_steps(task_derivatives, u)
         hess = task_derivatives(u)[1]
         values, ok = _laplace_terms(task_value(u), hess, decrement, counts, d)
         if quadrature_points > 1:
