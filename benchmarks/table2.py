@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tol", type=float, default=DEFAULT_CONFIG["tol"])
     parser.add_argument("--seed", type=int, default=DEFAULT_CONFIG["seed"])
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    parser.add_argument("--json", type=Path, default=Path("table2.json"), help="output file")
+    parser.add_argument("--json", type=Path, default=Path("results/table2.json"), help="output file")
     args = parser.parse_args(argv)
     results = run_simulation_study(
         {

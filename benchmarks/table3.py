@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=DEFAULT_CONFIG["seed"])
     parser.add_argument("--models", nargs="+", choices=list(PAPER_TABLE3), default=DEFAULT_CONFIG["models"])
     parser.add_argument("--dtype", choices=("float32", "float64"), default=DEFAULT_CONFIG["dtype"])
-    parser.add_argument("--json", type=Path, default=Path("table3.json"), help="output file")
+    parser.add_argument("--json", type=Path, default=Path("results/table3.json"), help="output file")
     args = parser.parse_args(argv)
     results = run_school_study(
         {
