@@ -127,6 +127,7 @@ __all__ = [
     "psd_logdet",
     "psd_solve",
     "row_covariance",
+    "row_products",
     "segment_outer_sum",
     "segment_sum",
     "segment_sums",
@@ -152,6 +153,26 @@ def segment_sum(
         ``[K, ...]`` per-task sums (zero for tasks without rows).
     """
     return jax.ops.segment_sum(values, task, num_segments=num_tasks)
+
+#: Largest ``q * m`` for which :func:`row_products` writes ``x @ w`` out as a sum of columns.
+_UNROLLED_PRODUCT_SIZE = 64
+
+
+def row_products(x: Float[Array, "n q"], w: Float[Array, "q *m"]) -> Float[Array, "n *m"]:
+    r"""``x @ w`` for a narrow design and few outputs: :math:`\sum_k x_{jk} w_k` per row.
+
+    With few outputs (``m``: mixture components, logits) XLA's CPU matrix product is a pass
+    over the ``n`` rows of its own and writes ``[n, m]`` to memory; written as a sum of ``q``
+    scaled columns, the product is elementwise and fuses into what consumes it (a residual,
+    a log-density). Larger products are left to ``jnp.matmul``.
+    """
+    q = x.shape[-1]
+    if q * max(w[0].size if q else 1, 1) > _UNROLLED_PRODUCT_SIZE or q == 0:
+        return jnp.tensordot(x, w, axes=1)
+    total = x[:, 0].reshape(x.shape[:1] + (1,) * (w.ndim - 1)) * w[0]
+    for k in range(1, q):
+        total = total + x[:, k].reshape(x.shape[:1] + (1,) * (w.ndim - 1)) * w[k]
+    return total
 
 
 def segment_sums(task: Int[Array, " n"], num_tasks: int, *values: Array) -> tuple[Array, ...]:
@@ -709,7 +730,7 @@ def kron_bordered_solve(
     fixed_cov = _cho_inverse(chol_P)
 
     def predict(beta, b):
-        eta = x @ beta.reshape(q, d)
+        eta = row_products(x, beta.reshape(q, d))
         return eta + b[task] if r > 0 else eta
 
     def row_gradients(resid):
@@ -744,16 +765,41 @@ def _weighted_task_sums(weights, x_rows, task, num_tasks: int, *, with_tasks: bo
     if isinstance(weights, KronWeights):
         w, S = weights
         d = S.shape[-1]
-        gram = jnp.einsum("ab,kl->abkl", _design_product(x_rows, w[:, None] * x_rows), S)
+        gram = jnp.einsum("ab,kl->abkl", _weighted_gram(x_rows, w), S)
         if not with_tasks:
             return None, None, gram
         weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)
         return (weight_sums[:, None, None] * S, jnp.einsum("ia,kl->iakl", weighted_x, S).reshape(K, q * d, d), gram)
     d = weights.shape[-1]
-    gram = _design_product(x_rows, x_rows[:, :, None, None] * weights[:, None]).reshape(q, q, d, d)
+    gram = _weighted_gram(x_rows, weights)
     if not with_tasks:
         return None, None, gram
     return segment_sum(weights, task, K), segment_outer_sum(x_rows, weights, task, K).reshape(K, q * d, d), gram
+
+
+#: Largest number of covariates for which :func:`_weighted_gram` sums precomputed row products.
+_PAIRWISE_GRAM_COVARIATES = 8
+
+
+def _weighted_gram(x: Float[Array, "n q"], weights: Float[Array, "n *k"]) -> Float[Array, "q q *k"]:
+    r"""The weighted Gram matrices :math:`\sum_j x_jx_j^T\otimes w_j` over the rows, ``[q, q, *k]``.
+
+    For a few covariates the products :math:`x_{ja}x_{jb}` (:math:`a \le b`, ``[n, q(q+1)/2]``)
+    depend on the design alone, so inside an EM loop XLA computes them once, outside it, and
+    each step is one product of the weights with them: no ``[n, q, *k]`` array of weighted
+    rows is written per step (under ``vmap`` over restarts and components, a transposed
+    copy of it), and the batch of weights is the product's left factor. With many
+    covariates (more than :data:`_PAIRWISE_GRAM_COVARIATES`) the pairs would outweigh the
+    rows, and the rows are weighted instead.
+    """
+    n, q = x.shape
+    rows = weights.reshape(n, -1)
+    if q > _PAIRWISE_GRAM_COVARIATES:
+        return _design_product(x, x[:, :, None] * rows[:, None]).reshape((q, q) + weights.shape[1:])
+    first, second = np.triu_indices(q)
+    sums = jnp.einsum("nk,np->pk", rows, x[:, first] * x[:, second])  # [q(q+1)/2, k]
+    gram = jnp.zeros((q, q, rows.shape[1]), sums.dtype).at[first, second].set(sums).at[second, first].set(sums)
+    return gram.reshape((q, q) + weights.shape[1:])
 
 
 def _design_product(x: Float[Array, "n q"], rows: Float[Array, "n ..."]) -> Float[Array, "q ..."]:
@@ -886,13 +932,13 @@ def kron_row_covariance_sum(
     d = m // q
     fixed_cov = solution.fixed_cov.reshape(q, d, q, d)
     if r == 0:
-        return _symmetrise(jnp.einsum("ab,akbl->kl", _design_product(x, w[:, None] * x), fixed_cov))
+        return _symmetrise(jnp.einsum("ab,akbl->kl", _weighted_gram(x, w), fixed_cov))
     x_mean, x_rows = _centred_within_tasks(x, task, K)
     offset = jnp.einsum("ia,kl->iakl", x_mean, jnp.eye(d, dtype=dtype)).reshape(K, m, d) - solution.centre
     weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)  # omega_i [K], [K, q]
     cov_offset = jnp.einsum("akm,imr->iakr", fixed_cov.reshape(q, d, m), offset)  # P^{-1} E_i [K, q, d, d]
     cross = jnp.einsum("ia,iakr->kr", weighted_x, cov_offset)
-    total = (jnp.einsum("ab,akbl->kl", _design_product(x_rows, w[:, None] * x_rows), fixed_cov)
+    total = (jnp.einsum("ab,akbl->kl", _weighted_gram(x_rows, w), fixed_cov)
              + cross + cross.T
              + jnp.einsum("i,imk,imr->kr", weight_sums, offset, cov_offset.reshape(K, m, d))
              + jnp.einsum("i,ikl->kl", weight_sums, solution.random_prec_inv))

@@ -46,15 +46,19 @@ from mtl_jax.linalg import (
     psd_logdet,
     psd_solve,
     row_covariance,
+    row_products,
     segment_sum,
 )
 from mtl_jax.models.mixture_glmm.likelihood import (
     LOG_2PI,
     class_log_marginals,
+    component_log_density,
     linear_predictors,
     log_joint,
     mixing_logits,
     mvn_zero_logpdf,
+    row_effects,
+    shifted_logits,
     task_log_proportions,
 )
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
@@ -116,11 +120,18 @@ def em_step(model, params: MixtureParams, design: MixtureDesign, update_variance
         params = params._replace(class_logits=log_tau)
     else:
         logits, eta = linear_predictors(params, design, params.mixing_effects, params.component_effects)
-        joint = log_joint(model.response_family, logits, eta, params.component_cov, design)
+        # log pi_h f_h = joint_h - log(partition): the partition cancels in tau, and each
+        # row's log-likelihood is top + log(sum_h exp(joint_h - top) / partition), one logarithm
+        shifted, partition = shifted_logits(logits)
+        joint = shifted + component_log_density(model.response_family, design.y, eta, params.component_cov,
+                                                design.trials)
+        top = jnp.max(joint, axis=-1, keepdims=True)
+        weights = jnp.exp(joint - top)
+        total = weights.sum(-1)
         # One component: every row's weight is the constant 1, which keeps the weighted sums
         # over the rows out of the EM loop (XLA computes loop-invariant values once).
-        tau = jax.nn.softmax(joint, axis=-1) if model.num_components > 1 else jnp.ones(joint.shape, joint.dtype)
-        objective = jax.nn.logsumexp(joint, axis=-1).sum() + effects_log_prior(model, params)
+        tau = weights / total[:, None] if model.num_components > 1 else jnp.ones(joint.shape, joint.dtype)
+        objective = (top[:, 0] + jnp.log(total / partition)).sum() + effects_log_prior(model, params)
         tau_tasks, row_weight = None, None
     adjustment = jnp.zeros((), objective.dtype)
     if model.num_components > 1:
@@ -154,17 +165,9 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         tau = tau * row_weight[:, None]
     mass = tau.sum(-1)  # each row's total weight (1 unless weighted)
 
-    def q_mix_at(logits, a):
-        value = (tau * jax.nn.log_softmax(logits, axis=-1)).sum()
-        if with_effects:
-            value += mvn_zero_logpdf(a, lam).sum()
-        return value
-
-    def q_mix(v, a):
-        return q_mix_at(mixing_logits(v, design.x_mix, a[design.task]), a)
-
-    logits = mixing_logits(v, design.x_mix, a[design.task])
-    pi = jax.nn.softmax(logits, axis=-1)[:, :g1]
+    logits = mixing_logits(v, design.x_mix, row_effects(a, design.task))  # the E-step's
+    shifted, partition = shifted_logits(logits)
+    pi = (jnp.exp(shifted) / partition[:, None])[:, :g1]
     weights = mass[:, None, None] * (diag_embed(pi) - pi[:, :, None] * pi[:, None, :])  # -d2 Q / d eta2
     grads = tau[:, :g1] - mass[:, None] * pi  # d Q / d eta
     solution = kron_bordered_solve(
@@ -180,8 +183,20 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     )
     step_v = solution.fixed.reshape(design.x_mix.shape[1], g1).T
     step_a = solution.random if with_effects else jnp.zeros_like(a)
+    step_logits = mixing_logits(step_v, design.x_mix, row_effects(step_a, design.task))  # [n, g], 0 for the reference
 
-    v, a = halved_step(q_mix, (v, a), (step_v, step_a), base=q_mix_at(logits, a))
+    def gain(t):
+        """``Q(v + t dv, a + t da) - Q(v, a)``, with ``log pi`` differenced row by row (one logarithm each)."""
+        moved = shifted + t * step_logits  # the new logits less the old row maxima
+        top = jnp.max(moved, axis=-1)
+        log_ratio = top + jnp.log(jnp.exp(moved - top[:, None]).sum(-1) / partition)  # new - old log partition
+        value = t * (tau * step_logits).sum() - (mass * log_ratio).sum()
+        if with_effects:
+            value += (mvn_zero_logpdf(a + t * step_a, lam) - mvn_zero_logpdf(a, lam)).sum()
+        return value
+
+    t = step_length(gain, dtype)
+    v, a = v + t * step_v, a + t * step_a
     logdet = jnp.zeros((), dtype)
     if with_effects:
         logdet = _sum_logdet(solution)
@@ -397,7 +412,7 @@ def _component_update(model, design: MixtureDesign, tau, task_weight, coef, effe
         solution = _solve_component(model, design, weights, target @ prec * tau[:, None], prior_prec, None, ridge)
         coef = solution.fixed.reshape(q, p)
         effects = solution.random.reshape(K, r_c, p) if with_effects else jnp.zeros((K, r_c, p), dtype)
-        resid = target - x @ coef - jnp.einsum("nr,nrp->np", z, effects[task])
+        resid = target - row_products(x, coef) - jnp.einsum("nr,nrp->np", z, effects[task])
         scatter = jnp.einsum("n,nk,nl->kl", tau, resid, resid)
         random_rows = kron_rows(effect_rows, p)[:, :d]
         if model.residual_update == "reml" and _kron_structured(model):
@@ -451,7 +466,7 @@ def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, ph
     y = design.y[:, 0]
 
     def predictor(w, b):
-        return x @ w[:, 0] + jnp.einsum("nr,nr->n", z, b[task][..., 0]) + design.offset
+        return row_products(x, w[:, 0]) + jnp.einsum("nr,nr->n", z, b[task][..., 0]) + design.offset
 
     def objective(w, b):
         value = (tau * family.log_density(y, predictor(w, b), design.trials)).sum()
@@ -470,27 +485,33 @@ def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, ph
     return solution, coef, effects
 
 
-def halved_step(objective, point: tuple, step: tuple, base=None) -> tuple:
-    """``point + t step`` with ``t = 1, 1/2, 1/4, ...`` the first that does not decrease
-    ``objective(*point)`` (down to ``2^-30``; else ``t = 0``, the point stays).
+def step_length(gain, dtype) -> Float[Array, ""]:
+    """The first ``t = 1, 1/2, 1/4, ...`` with ``gain(t) >= 0`` (down to ``2^-30``; else ``t = 0``).
 
-    ``base`` is ``objective(*point)`` where the caller has it already (computed if ``None``)."""
+    ``gain(t)`` is the objective's change along a step scaled by ``t`` (NaN counts as a loss).
+    """
+    def halve(state):
+        t, _ = state
+        return t / 2, gain(t / 2)
+
+    def needs_halving(state):
+        t, value = state
+        return (~(value >= 0)) & (t > 2.0**-30)
+
+    one = jnp.ones((), dtype)
+    t, value = jax.lax.while_loop(needs_halving, halve, (one, gain(one)))
+    return jnp.where(value >= 0, t, jnp.zeros((), dtype))
+
+
+def halved_step(objective, point: tuple, step: tuple, base=None) -> tuple:
+    """``point + t step`` with ``t`` from :func:`step_length`: the first halving that does not
+    decrease ``objective(*point)`` (``base``, computed if ``None``)."""
     base = objective(*point) if base is None else base
 
     def moved(t):
         return tuple(x + t * dx for x, dx in zip(point, step))
 
-    def halve(state):
-        t, _ = state
-        return t / 2, objective(*moved(t / 2))
-
-    def needs_halving(state):
-        t, value = state
-        return (~(value >= base)) & (t > 2.0**-30)
-
-    one = jnp.ones((), base.dtype)
-    t, value = jax.lax.while_loop(needs_halving, halve, (one, objective(*moved(one))))
-    return moved(jnp.where(value >= base, t, 0.0))
+    return moved(step_length(lambda t: objective(*moved(t)) - base, base.dtype))
 
 
 def _structured(model, phi, floor):

@@ -24,7 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from mtl_jax.linalg import cho_solve, cholesky, psd_cholesky, segment_sum, segment_sums, solve_triangular
+from mtl_jax.linalg import (
+    cho_solve,
+    cholesky,
+    psd_cholesky,
+    row_products,
+    segment_sum,
+    segment_sums,
+    solve_triangular,
+)
 from mtl_jax.models.mixture_glmm.families import Family
 from mtl_jax.models.mixture_glmm.params import MixtureDesign, MixtureParams
 
@@ -33,8 +41,20 @@ LOG_2PI = 1.8378770664093453
 
 def mixing_logits(v, x_mix, a_rows):
     """Logits ``[n, g]``: ``v_h^T x + a_h`` for ``h < g`` and ``0`` for the reference."""
-    logits = x_mix @ v.T + a_rows
+    logits = row_products(x_mix, v.T) + a_rows
     return jnp.concatenate([logits, jnp.zeros(logits.shape[:1] + (1,), logits.dtype)], axis=1)
+
+
+def shifted_logits(logits: Float[Array, "... g"]) -> tuple[Float[Array, "... g"], Float[Array, "..."]]:
+    r"""``(logits - m, sum_h exp(logits_h - m))`` with ``m`` each row's largest logit.
+
+    :math:`\log\pi_h` is ``shifted_h - log(partition)``, the partition in ``[1, g]``. The
+    EM step takes its logarithms only in ratios, one per row (XLA's CPU code computes a
+    float64 logarithm by a scalar library call, the costliest operation of a mixture's EM
+    step at ``n = 10^5``).
+    """
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    return shifted, jnp.exp(shifted).sum(-1)
 
 
 def row_effects(effects: Array, task: Array) -> Array:
@@ -57,7 +77,7 @@ def linear_predictors(params: MixtureParams, design: MixtureDesign, a, b):
     ``eta_hj = W_h^T x_j + B_hi^T z_j + o_j`` with ``b [K, g, r, p]`` and the offset ``o``.
     """
     logits = mixing_logits(params.mixing_coef, design.x_mix, row_effects(a, design.task))
-    means = (jnp.einsum("nq,gqp->ngp", design.x_comp, params.component_coef)
+    means = (row_products(design.x_comp, jnp.moveaxis(params.component_coef, 1, 0))
              + jnp.einsum("nr,ngrp->ngp", design.z_comp, row_effects(b, design.task))
              + design.offset[:, None, None])
     return logits, means
