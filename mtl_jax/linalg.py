@@ -104,6 +104,7 @@ are loops of vector operations rather than LAPACK calls (see :func:`cholesky` fo
 from __future__ import annotations
 
 import functools
+import math
 
 from typing import NamedTuple
 
@@ -153,26 +154,6 @@ def segment_sum(
         ``[K, ...]`` per-task sums (zero for tasks without rows).
     """
     return jax.ops.segment_sum(values, task, num_segments=num_tasks)
-
-#: Largest ``q * m`` for which :func:`row_products` writes ``x @ w`` out as a sum of columns.
-_UNROLLED_PRODUCT_SIZE = 64
-
-
-def row_products(x: Float[Array, "n q"], w: Float[Array, "q *m"]) -> Float[Array, "n *m"]:
-    r"""``x @ w`` for a narrow design and few outputs: :math:`\sum_k x_{jk} w_k` per row.
-
-    With few outputs (``m``: mixture components, logits) XLA's CPU matrix product is a pass
-    over the ``n`` rows of its own and writes ``[n, m]`` to memory; written as a sum of ``q``
-    scaled columns, the product is elementwise and fuses into what consumes it (a residual,
-    a log-density). Larger products are left to ``jnp.matmul``.
-    """
-    q = x.shape[-1]
-    if q * max(w[0].size if q else 1, 1) > _UNROLLED_PRODUCT_SIZE or q == 0:
-        return jnp.tensordot(x, w, axes=1)
-    total = x[:, 0].reshape(x.shape[:1] + (1,) * (w.ndim - 1)) * w[0]
-    for k in range(1, q):
-        total = total + x[:, k].reshape(x.shape[:1] + (1,) * (w.ndim - 1)) * w[k]
-    return total
 
 
 def segment_sums(task: Int[Array, " n"], num_tasks: int, *values: Array) -> tuple[Array, ...]:
@@ -455,6 +436,26 @@ def psd_logdet(matrix: Float[Array, "*batch k k"]) -> Float[Array, "*batch"]:
     safe = jnp.where(ok[..., None], diag, jnp.ones_like(diag))
     logdet = 2.0 * jnp.sum(jnp.log(safe), axis=-1)
     return jnp.where(ok, logdet, jnp.nan)
+
+
+#: Largest ``q * m`` for which :func:`row_products` writes ``x @ w`` out as a sum of columns.
+_UNROLLED_PRODUCT_SIZE = 64
+
+
+def row_products(x: Float[Array, "n q"], w: Float[Array, "q *m"]) -> Float[Array, "n *m"]:
+    r"""``x @ w`` for a narrow design and few outputs: :math:`\sum_k x_{jk} w_k` per row.
+
+    With few outputs (``m``: mixture components, logits) XLA's CPU matrix product is a pass
+    over the ``n`` rows of its own and writes ``[n, m]`` to memory; written as a sum of the
+    ``q`` scaled columns (unrolled at trace time, ``q * m <= 64``), the product is
+    elementwise and fuses into what consumes it (a residual, a log-density). Larger
+    products are left to ``jnp.tensordot``.
+    """
+    q = x.shape[-1]
+    if q == 0 or q * math.prod(w.shape[1:]) > _UNROLLED_PRODUCT_SIZE:
+        return jnp.tensordot(x, w, axes=1)
+    columns = x.reshape(x.shape + (1,) * (w.ndim - 1))  # [n, q, 1, ...] against w [q, *m]
+    return sum((columns[:, k] * w[k] for k in range(1, q)), start=columns[:, 0] * w[0])
 
 
 def kron_rows(x: Float[Array, "n q"], d: int) -> Float[Array, "n qd d"]:

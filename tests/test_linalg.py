@@ -265,6 +265,27 @@ def test_segment_outer_sum_matches_numpy(num_tasks):
     assert not np.any(np.asarray(actual)[-1])
 
 
+@pytest.mark.parametrize(("q", "outputs"), [(5, (2,)), (5, (2, 1)), (3, ()), (12, (8,)), (0, (2,))])
+def test_row_products_equal_the_matrix_product(q, outputs):
+    """Unrolled over the columns (narrow) or a tensordot (``q * m > 64``, or no columns)."""
+    rng = np.random.default_rng(11)
+    x, w = rng.normal(size=(50, q)) + 30.0, rng.normal(size=(q,) + outputs)
+    actual = jax.jit(linalg.row_products)(x, w)
+    assert actual.shape == (50,) + outputs
+    np.testing.assert_allclose(actual, np.tensordot(x, w, axes=1), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("q", [3, 12])  # pairwise products of the design / weighted rows
+@pytest.mark.parametrize("weight_shape", [(), (2, 2)])
+def test_weighted_gram_equals_the_sum_of_weighted_outer_products(q, weight_shape):
+    rng = np.random.default_rng(12)
+    n = 80
+    x, weights = rng.normal(size=(n, q)) - 5.0, rng.uniform(size=(n,) + weight_shape)
+    expected = np.einsum("na,nb,n...->ab...", x, x, weights)
+    actual = jax.jit(linalg._weighted_gram)(x, weights)
+    np.testing.assert_allclose(actual, expected, rtol=1e-12)
+
+
 def test_cholesky_and_triangular_solves_match_numpy():
     rng = np.random.default_rng(11)
     G = rng.normal(size=(2, 3, 5, 5))

@@ -47,6 +47,31 @@ def test_responsibilities_and_loglik_match_brute_force(p):
     np.testing.assert_allclose(model.objective(params, design), l1 + l2, rtol=1e-10)
 
 
+def test_em_step_objective_is_the_mixture_loglik_with_far_apart_logits():
+    """The E-step's objective (one logarithm per row, the mixing partition divided out) is
+    ``sum_j log sum_h pi_h f_h`` of the scipy loop, also where the logits differ by ~100."""
+    params, design = random_problem(p=1, g=3, K=2, n=9, seed=4)
+    params = params._replace(mixing_coef=60.0 * params.mixing_coef,
+                             mixing_effects=jnp.zeros_like(params.mixing_effects),
+                             component_effects=jnp.zeros_like(params.component_effects))
+    model = MixtureGLMM(3, mixing_random_effects=False, component_random_effects=False)
+    _, objective = jax.jit(model.em_step)(params, design)
+    want = np.log(np.exp(brute_force_joint(params, design)).sum(1)).sum()
+    np.testing.assert_allclose(objective, want, rtol=1e-12)
+
+
+def test_step_length_takes_the_first_halving_that_does_not_lose():
+    from mtl_jax.models.mixture_glmm.em import step_length
+
+    def length(gain):
+        return float(jax.jit(lambda: step_length(gain, jnp.float64))())
+
+    assert length(lambda t: t * (0.3 - t)) == 0.25  # 1 and 1/2 lose, 1/4 gains
+    assert length(lambda t: 1.0 - t) == 1.0  # no loss at the full step
+    assert length(lambda t: -t - 1.0) == 0.0  # every step loses: stay
+    assert length(lambda t: jnp.where(t > 0.1, jnp.nan, t)) == 0.0625  # NaN counts as a loss
+
+
 def test_mixture_loglik_matches_enumeration_of_labels():
     """L1 = log of the complete-data likelihood summed over all g^n label vectors."""
     params, design = random_problem(p=1, g=2, n=6)
