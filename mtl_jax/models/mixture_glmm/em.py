@@ -165,9 +165,17 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
         tau = tau * row_weight[:, None]
     mass = tau.sum(-1)  # each row's total weight (1 unless weighted)
 
-    logits = mixing_logits(v, design.x_mix, row_effects(a, design.task))  # the E-step's
-    shifted, partition = shifted_logits(logits)
-    pi = (jnp.exp(shifted) / partition[:, None])[:, :g1]
+    def q_mix_at(logits, a):
+        value = (tau * jax.nn.log_softmax(logits, axis=-1)).sum()
+        if with_effects:
+            value += mvn_zero_logpdf(a, lam).sum()
+        return value
+
+    def q_mix(v, a):
+        return q_mix_at(mixing_logits(v, design.x_mix, row_effects(a, design.task)), a)
+
+    logits = mixing_logits(v, design.x_mix, row_effects(a, design.task))
+    pi = jax.nn.softmax(logits, axis=-1)[:, :g1]
     weights = mass[:, None, None] * (diag_embed(pi) - pi[:, :, None] * pi[:, None, :])  # -d2 Q / d eta2
     grads = tau[:, :g1] - mass[:, None] * pi  # d Q / d eta
     solution = kron_bordered_solve(
@@ -183,20 +191,8 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
     )
     step_v = solution.fixed.reshape(design.x_mix.shape[1], g1).T
     step_a = solution.random if with_effects else jnp.zeros_like(a)
-    step_logits = mixing_logits(step_v, design.x_mix, row_effects(step_a, design.task))  # [n, g], 0 for the reference
 
-    def gain(t):
-        """``Q(v + t dv, a + t da) - Q(v, a)``, with ``log pi`` differenced row by row (one logarithm each)."""
-        moved = shifted + t * step_logits  # the new logits less the old row maxima
-        top = jnp.max(moved, axis=-1)
-        log_ratio = top + jnp.log(jnp.exp(moved - top[:, None]).sum(-1) / partition)  # new - old log partition
-        value = t * (tau * step_logits).sum() - (mass * log_ratio).sum()
-        if with_effects:
-            value += (mvn_zero_logpdf(a + t * step_a, lam) - mvn_zero_logpdf(a, lam)).sum()
-        return value
-
-    t = step_length(gain, dtype)
-    v, a = v + t * step_v, a + t * step_a
+    v, a = halved_step(q_mix, (v, a), (step_v, step_a), base=q_mix_at(logits, a))
     logdet = jnp.zeros((), dtype)
     if with_effects:
         logdet = _sum_logdet(solution)

@@ -49,9 +49,9 @@ def shifted_logits(logits: Float[Array, "... g"]) -> tuple[Float[Array, "... g"]
     r"""``(logits - m, sum_h exp(logits_h - m))`` with ``m`` each row's largest logit.
 
     :math:`\log\pi_h` is ``shifted_h - log(partition)``, the partition in ``[1, g]``. The
-    EM step takes its logarithms only in ratios, one per row (XLA's CPU code computes a
-    float64 logarithm by a scalar library call, the costliest operation of a mixture's EM
-    step at ``n = 10^5``).
+    E-step divides it out of the row's likelihood and takes one logarithm per row (XLA's
+    CPU code computes a float64 logarithm by a scalar library call, the costliest operation
+    of a mixture's EM step at ``n = 10^5``).
     """
     shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
     return shifted, jnp.exp(shifted).sum(-1)
