@@ -799,9 +799,10 @@ def _weighted_gram(x: Float[Array, "n q"], weights: Float[Array, "n *k"]) -> Flo
     if q > _PAIRWISE_GRAM_COVARIATES:
         return _design_product(x, x[:, :, None] * rows[:, None]).reshape((q, q) + weights.shape[1:])
     first, second = np.triu_indices(q)
+    pair = np.zeros((q, q), int)
+    pair[first, second] = pair[second, first] = np.arange(first.size)  # (a, b) -> its pair's column
     sums = jnp.einsum("nk,np->pk", rows, x[:, first] * x[:, second])  # [q(q+1)/2, k]
-    gram = jnp.zeros((q, q, rows.shape[1]), sums.dtype).at[first, second].set(sums).at[second, first].set(sums)
-    return gram.reshape((q, q) + weights.shape[1:])
+    return sums[pair].reshape((q, q) + weights.shape[1:])
 
 
 def _design_product(x: Float[Array, "n q"], rows: Float[Array, "n ..."]) -> Float[Array, "q ..."]:

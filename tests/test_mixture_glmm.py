@@ -60,16 +60,16 @@ def test_em_step_objective_is_the_mixture_loglik_with_far_apart_logits():
     np.testing.assert_allclose(objective, want, rtol=1e-12)
 
 
-def test_step_length_takes_the_first_halving_that_does_not_lose():
-    from mtl_jax.models.mixture_glmm.em import step_length
+def test_halved_step_takes_the_first_halving_that_does_not_lose():
+    from mtl_jax.models.mixture_glmm.em import halved_step
 
-    def length(gain):
-        return float(jax.jit(lambda: step_length(gain, jnp.float64))())
+    def length(objective):
+        return float(jax.jit(lambda: halved_step(objective, (jnp.zeros(()),), (jnp.ones(()),))[0])())
 
-    assert length(lambda t: t * (0.3 - t)) == 0.25  # 1 and 1/2 lose, 1/4 gains
-    assert length(lambda t: 1.0 - t) == 1.0  # no loss at the full step
-    assert length(lambda t: -t - 1.0) == 0.0  # every step loses: stay
-    assert length(lambda t: jnp.where(t > 0.1, jnp.nan, t)) == 0.0625  # NaN counts as a loss
+    assert length(lambda x: -(x - 0.3) ** 2) == 0.5  # the full step loses, half of it gains
+    assert length(lambda x: x) == 1.0  # no loss at the full step
+    assert length(lambda x: -x) == 0.0  # every step loses: the point stays
+    assert length(lambda x: jnp.where(x > 0.1, jnp.nan, -(x - 0.3) ** 2)) == 0.0625  # NaN counts as a loss
 
 
 def test_mixture_loglik_matches_enumeration_of_labels():

@@ -481,33 +481,27 @@ def _irls_step(model, design: MixtureDesign, tau, task_weight, coef, effects, ph
     return solution, coef, effects
 
 
-def step_length(gain, dtype) -> Float[Array, ""]:
-    """The first ``t = 1, 1/2, 1/4, ...`` with ``gain(t) >= 0`` (down to ``2^-30``; else ``t = 0``).
-
-    ``gain(t)`` is the objective's change along a step scaled by ``t`` (NaN counts as a loss).
-    """
-    def halve(state):
-        t, _ = state
-        return t / 2, gain(t / 2)
-
-    def needs_halving(state):
-        t, value = state
-        return (~(value >= 0)) & (t > 2.0**-30)
-
-    one = jnp.ones((), dtype)
-    t, value = jax.lax.while_loop(needs_halving, halve, (one, gain(one)))
-    return jnp.where(value >= 0, t, jnp.zeros((), dtype))
-
-
 def halved_step(objective, point: tuple, step: tuple, base=None) -> tuple:
-    """``point + t step`` with ``t`` from :func:`step_length`: the first halving that does not
-    decrease ``objective(*point)`` (``base``, computed if ``None``)."""
+    """``point + t step`` with ``t = 1, 1/2, 1/4, ...`` the first that does not decrease
+    ``objective(*point)`` (down to ``2^-30``; else ``t = 0``, the point stays).
+
+    ``base`` is ``objective(*point)`` where the caller has it already (computed if ``None``)."""
     base = objective(*point) if base is None else base
 
     def moved(t):
         return tuple(x + t * dx for x, dx in zip(point, step))
 
-    return moved(step_length(lambda t: objective(*moved(t)) - base, base.dtype))
+    def halve(state):
+        t, _ = state
+        return t / 2, objective(*moved(t / 2))
+
+    def needs_halving(state):
+        t, value = state
+        return (~(value >= base)) & (t > 2.0**-30)
+
+    one = jnp.ones((), base.dtype)
+    t, value = jax.lax.while_loop(needs_halving, halve, (one, objective(*moved(one))))
+    return moved(jnp.where(value >= base, t, 0.0))
 
 
 def _structured(model, phi, floor):
