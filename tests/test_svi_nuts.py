@@ -438,6 +438,26 @@ def test_sampling_fits_carry_draws(svi, nuts):
         assert posterior["w[1, x1]"].shape[:2] == fitted.draws.component_coef.shape[:2]
 
 
+@pytest.mark.parametrize("method, options, steps", [
+    ("svi", dict(num_steps=40, num_samples=5), 40),
+    ("nuts", dict(num_warmup=15, num_samples=10, num_chains=2), 25),
+])
+def test_a_repeated_sampling_fit_compiles_nothing(design, em, method, options, steps, capfd):
+    """The second fit with the same shapes and options runs the first one's program (no
+    compilation) and, with the same seed, draws the same; ``progress=True`` shows a bar over
+    every step (SVI's Adam steps; NUTS's warm-up and kept transitions)."""
+    first = mtl_jax.fit(MODEL, design, method, seed=3, init_params=em.params, **options)
+    again = mtl_jax.fit(MODEL, design, method, seed=3, init_params=em.params, **options)
+    assert first.timings["compile"] > 0 and again.timings["compile"] == 0.0
+    for drawn, redrawn in zip(first.draws, again.draws):
+        np.testing.assert_array_equal(drawn, redrawn)
+    capfd.readouterr()
+    shown = mtl_jax.fit(MODEL, design, method, seed=3, init_params=em.params, progress=True, **options)
+    assert f"{steps}/{steps}" in capfd.readouterr().err
+    for drawn, redrawn in zip(first.draws, shown.draws):
+        np.testing.assert_array_equal(drawn, redrawn)
+
+
 def test_map_guide_from_its_own_em_start(design):
     """AutoDelta (EM start): every draw is the MAP point; the loss is -log density there."""
     fitted = mtl_jax.fit(MODEL, design, "svi", guide="map", num_steps=300, num_samples=5)

@@ -161,7 +161,7 @@ def run_glmm_recovery(config: dict, *, progress: bool = True, checkpoint: Checkp
             ``num_warmup``, ``num_samples``, ``num_chains`` (NUTS), ``svi_steps``;
             ``seed``, ``dtype``, and ``devices`` (how many devices the replicates are
             split over; ``None``: every device).
-        progress: print one line per design and the final table (and NumPyro's
+        progress: print one line per design and the final table (and the
             progress bars of the SVI and NUTS fits, when stderr is a terminal).
         checkpoint: journal of finished units (:mod:`~mtl_jax.experiments.checkpoint`;
             default none); a unit is one design (its ``R`` EM fits in one vmapped call,

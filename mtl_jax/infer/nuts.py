@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.infer.program_cache import cached_program
+from mtl_jax.infer.progress import host_bar, tick
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
 
@@ -23,18 +25,25 @@ MASS_MATRICES = ("diagonal", "population", "dense")
 
 
 def sampled_sites(program, design, values, *, population_only: bool = False) -> list[str]:
-    """The latent sample sites of ``program`` (run once at ``values``): the only keys NUTS may be started with.
+    """The latent sample sites of ``program`` (traced at ``values``): the only keys NUTS may be started with.
 
     ``site_values`` also holds the other parameterisation's sites; a key that is not a site
     of the program would join the sampler's state with a flat potential and drift without
     bound, spoiling step-size adaptation and the U-turn test. ``population_only`` keeps
     the sites outside every plate (the population-level parameters, not the per-task ones).
+    The program is traced abstractly (``jax.eval_shape``): ``values`` may be shapes only.
     """
     from numpyro import handlers
 
-    trace = handlers.trace(handlers.substitute(handlers.seed(program, 0), data=values)).get_trace(design)
-    return sorted(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]
-                  and not (population_only and site["cond_indep_stack"]))
+    names = []
+
+    def record(values, design):
+        trace = handlers.trace(handlers.substitute(handlers.seed(program, 0), data=values)).get_trace(design)
+        names.extend(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]
+                     and not (population_only and site["cond_indep_stack"]))
+
+    jax.eval_shape(record, values, design)
+    return sorted(names)
 
 
 def mass_matrix_structure(mass_matrix: str, program, design, values):
@@ -83,20 +92,80 @@ def chain_starts(model, design, key, *, num_chains: int, init_jitter: float = 0.
                                 for point in init_params[1:]]
     else:
         reference, starts = starting_points(model, design, key_start, init_params, num=num_chains)
-    program = program_for(model, parameterisation)
-    values = [model.site_values(start) for start in starts]
-    sites = sampled_sites(program, design, values[0])
-    from numpyro.infer.util import unconstrain_fn
-
-    unconstrained = [unconstrain_fn(program, (design,), {}, {name: v[name] for name in sites}) for v in values]
-    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *unconstrained)
-    leaves, treedef = jax.tree_util.tree_flatten(stacked)
-    noise_keys = jax.random.split(key_jitter, len(leaves))
-    jittered = [leaf + init_jitter * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, noise_keys)]
-    bad = [name for name, value in zip(sorted(stacked), jittered) if not bool(jnp.all(jnp.isfinite(value)))]
+    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *starts)
+    sites = sampled_sites(program_for(model, parameterisation), design, jax.eval_shape(model.site_values, reference))
+    jittered = jittered_starts(model, design, stacked, key_jitter, init_jitter, parameterisation=parameterisation,
+                               sites=tuple(sites))
+    bad = [name for name, value in jittered.items() if not np.all(np.isfinite(np.asarray(value)))]
     if bad:
         raise ValueError(f"a chain's start is not finite in the unconstrained space at site(s) {bad}")
-    return reference, jax.tree_util.tree_unflatten(treedef, jittered)
+    return reference, jittered
+
+
+@cached_program(static_argnames=("model", "parameterisation", "sites"))
+def jittered_starts(model, design, starts, key, init_jitter, *, parameterisation: str, sites: tuple[str, ...]):
+    """Each chain's start (``starts``: parameters with a leading ``[C]`` axis) at the program's
+    ``sites`` in the unconstrained space, plus ``init_jitter`` standard normals: a dict of ``[C, ...]``."""
+    from numpyro.infer.util import unconstrain_fn
+
+    program = program_for(model, parameterisation)
+
+    def unconstrained(start):
+        values = model.site_values(start)
+        return unconstrain_fn(program, (design,), {}, {name: values[name] for name in sites})
+
+    leaves, treedef = jax.tree_util.tree_flatten(jax.vmap(unconstrained)(starts))
+    noise_keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf + init_jitter * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, noise_keys)])
+
+
+@cached_program(static_argnames=("model", "num_warmup", "num_samples", "target_accept", "parameterisation",
+                                  "dense_mass", "progress"))
+def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: int, target_accept: float,
+                  parameterisation: str, dense_mass, progress: bool = False):
+    """NUTS chains from ``starts`` in one program: initialisation, warm-up and draws.
+
+    Args:
+        model, design: the model and its data (the program of :func:`program_for`).
+        key: PRNG key; chain ``c`` runs on ``jax.random.split(key, C)[c]``.
+        starts: unconstrained values of the sampled sites, leading axis ``[C]`` (chains).
+        num_warmup: transitions that adapt the step size and the mass matrix (not kept).
+        num_samples: kept transitions per chain.
+        target_accept: NUTS target acceptance probability.
+        parameterisation: the program's task effects (:data:`PARAMETERISATIONS`).
+        dense_mass: NumPyro's ``dense_mass`` (:func:`mass_matrix_structure`; a list as a tuple).
+        progress: advance the bar of :func:`mtl_jax.infer.progress.host_bar` at every transition.
+
+    Returns:
+        ``(draws, diverging, num_steps)``: the draws as the model's parameters with leading
+        ``[C, num_samples]`` axes (constrained, ``model.from_sites``), and per draw whether
+        its trajectory diverged and its number of leapfrog steps, ``[C, num_samples]``.
+    """
+    from numpyro.infer import NUTS
+
+    kernel = NUTS(program_for(model, parameterisation), target_accept_prob=target_accept,
+                  dense_mass=list(dense_mass) if isinstance(dense_mass, tuple) else dense_mass)
+    num_chains = jax.tree_util.tree_leaves(starts)[0].shape[0]
+    state = kernel.init(jax.random.split(key, num_chains), num_warmup, init_params=starts, model_args=(design,))
+    constrain = jax.vmap(kernel.postprocess_fn((design,), {}))
+
+    def transition(state):
+        state = kernel.sample(state, (design,), {})
+        if progress:
+            tick(state.i)
+        return state
+
+    state = jax.lax.fori_loop(0, num_warmup, lambda _, state: transition(state), state)
+
+    def draw(state, _):
+        state = transition(state)
+        sites = constrain(state.z)
+        return state, (model.from_sites({name: sites[name] for name in model.param_sites()}), state.diverging,
+                       state.num_steps)
+
+    _, collected = jax.lax.scan(draw, state, length=num_samples)
+    return jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), collected)
 
 
 def run_nuts_backend(
@@ -133,7 +202,7 @@ def run_nuts_backend(
         init_params: one starting point for every chain (then only the jitter disperses
             them), or a ``list`` of one point per chain (the first is the alignment
             reference); see :func:`chain_starts`.
-        progress: show NumPyro's progress bar.
+        progress: show a progress bar over the transitions (warm-up and draws).
 
     Returns:
         Posterior means of the aligned draws as ``params``; the draws
@@ -145,22 +214,16 @@ def run_nuts_backend(
     key_start, key_chains = jax.random.split(key)
     reference, init = chain_starts(model, design, key_start, num_chains=num_chains, init_jitter=init_jitter,
                                    init_params=init_params, parameterisation=parameterisation)
-    if num_chains == 1:  # NumPyro runs a single chain unbatched
-        init = jax.tree_util.tree_map(lambda leaf: leaf[0], init)
     # NumPyro's integrator works in JAX's default float (float64 under jax_enable_x64): the
     # chains start there too, whatever the data's dtype, or a tree's branches disagree.
     init = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.result_type(float)), init)
-    program = program_for(model, parameterisation)
-    dense_mass = mass_matrix_structure(mass_matrix, program, design, model.site_values(reference))
-    from numpyro.infer import MCMC, NUTS
-
-    kernel = NUTS(program, target_accept_prob=target_accept, dense_mass=dense_mass)
-    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
-                chain_method="vectorized", progress_bar=progress)
-    mcmc.run(key_chains, design, init_params=init, extra_fields=("diverging", "num_steps"))
-    extra = mcmc.get_extra_fields()
-    samples = mcmc.get_samples(group_by_chain=True)
-    raw = model.from_sites({name: samples[name] for name in model.param_sites()})
+    dense_mass = mass_matrix_structure(mass_matrix, program_for(model, parameterisation), design,
+                                       model.site_values(reference))
+    with host_bar(num_warmup + num_samples, "nuts", progress):
+        raw, diverging, num_steps = sample_chains(
+            model, design, key_chains, init, num_warmup=num_warmup, num_samples=num_samples,
+            target_accept=target_accept, parameterisation=parameterisation,
+            dense_mass=tuple(dense_mass) if isinstance(dense_mass, list) else dense_mass, progress=progress)
     draws = align_draws(model, jax.tree_util.tree_map(np.asarray, raw), reference)
     return BackendResult(
         params=jax.tree_util.tree_map(lambda leaf: leaf.mean(axis=(0, 1)), draws),
@@ -168,8 +231,8 @@ def run_nuts_backend(
         n_iter=num_samples,
         trace=np.zeros(0),
         draws=draws,
-        diagnostics={"num_divergences": int(np.sum(extra["diverging"])),
-                     "mean_leapfrog_steps": float(np.mean(extra["num_steps"]))},
+        diagnostics={"num_divergences": int(np.sum(diverging)),
+                     "mean_leapfrog_steps": float(np.mean(num_steps))},
     )
 
 

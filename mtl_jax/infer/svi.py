@@ -29,6 +29,8 @@ import numpy as np
 import optax
 
 from mtl_jax.infer.em import em_fit
+from mtl_jax.infer.program_cache import cached_program
+from mtl_jax.infer.progress import host_bar, tick
 from mtl_jax.infer.results import BackendResult, float_dtype
 
 #: Guides by name: the :mod:`numpyro.infer.autoguide` class of each (imported when SVI runs).
@@ -107,6 +109,45 @@ def loss_settled(losses: np.ndarray, rtol: float = 1e-4) -> bool:
     return bool(shift <= 2.0 * noise or shift <= rtol * abs(before.mean()))
 
 
+@cached_program(static_argnames=("model", "guide", "num_steps", "learning_rate", "num_samples", "parameterisation",
+                                  "progress"))
+def fit_guide(model, design, key, key_draws, start, *, guide: str, num_steps: int, learning_rate: float,
+              num_samples: int, parameterisation: str, progress: bool = False):
+    """The guide fitted by ``num_steps`` Adam steps on the ELBO, and its draws, in one program.
+
+    Args:
+        model, design: the model and its data (the program of :func:`program_for`).
+        key: PRNG key of the ELBO's noise; ``key_draws`` that of the guide's draws.
+        start: the parameters the guide's location starts at (``model.site_values``).
+        guide: one of :data:`GUIDES`.
+        num_steps, learning_rate: Adam steps and step size.
+        num_samples: draws ``S`` from the fitted guide, pushed through the model.
+        parameterisation: the program's task effects (:data:`PARAMETERISATIONS`).
+        progress: advance the bar of :func:`mtl_jax.infer.progress.host_bar` at every step.
+
+    Returns:
+        ``(draws, losses)``: the draws as the model's parameters with a leading ``[S]``
+        axis (``model.from_sites``), unaligned; the loss (negative ELBO) per step ``[num_steps]``.
+    """
+    from numpyro.infer import SVI, Predictive, Trace_ELBO, autoguide
+    from numpyro.infer.initialization import init_to_value
+
+    program = program_for(model, parameterisation)
+    auto = getattr(autoguide, GUIDES[guide])(program, init_loc_fn=init_to_value(values=model.site_values(start)))
+    svi = SVI(program, auto, optax.adam(learning_rate), Trace_ELBO())
+
+    def step(state, _):
+        state, loss = svi.update(state, design)
+        if progress:
+            tick(loss)
+        return state, loss
+
+    state, losses = jax.lax.scan(step, svi.init(key, design), length=num_steps)
+    predictive = Predictive(program, guide=auto, params=svi.get_params(state), num_samples=num_samples,
+                            return_sites=list(model.param_sites()))
+    return model.from_sites(predictive(key_draws, design)), losses
+
+
 def run_svi_backend(
     model,
     design,
@@ -136,7 +177,7 @@ def run_svi_backend(
             ``"map"`` (a point mass on centred effects runs into the unbounded density at
             zero effect variance).
         init_params: starting point; ``None`` runs EM (two restarts) where the model has it.
-        progress: show NumPyro's progress bar.
+        progress: show a progress bar over the Adam steps.
 
     Returns:
         Posterior means of the aligned draws as ``params``; the draws with axes
@@ -149,19 +190,13 @@ def run_svi_backend(
     reference, _ = starting_points(model, design, key_start, init_params)
     if parameterisation is None:
         parameterisation = "noncentred" if guide == "map" else "centred"
-    program = program_for(model, parameterisation)
-    from numpyro.infer import SVI, Predictive, Trace_ELBO, autoguide
-    from numpyro.infer.initialization import init_to_value
-
-    auto = getattr(autoguide, GUIDES[guide])(program, init_loc_fn=init_to_value(values=model.site_values(reference)))
-    svi = SVI(program, auto, optax.adam(learning_rate), Trace_ELBO())
-    result = svi.run(key_svi, num_steps, design, progress_bar=progress)
-    predictive = Predictive(program, guide=auto, params=result.params, num_samples=num_samples,
-                            return_sites=list(model.param_sites()))
-    samples = predictive(key_draws, design)
-    draws = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[None], model.from_sites(samples))
+    with host_bar(num_steps, "svi", progress):
+        raw, losses = fit_guide(model, design, key_svi, key_draws, reference, guide=guide, num_steps=num_steps,
+                                learning_rate=learning_rate, num_samples=num_samples,
+                                parameterisation=parameterisation, progress=progress)
+    draws = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[None], raw)
     draws = align_draws(model, draws, reference)
-    losses = np.asarray(result.losses)
+    losses = np.asarray(losses)
     window = max(num_steps // 10, 1)
     return BackendResult(
         params=jax.tree_util.tree_map(lambda leaf: leaf.mean(axis=(0, 1)), draws),
