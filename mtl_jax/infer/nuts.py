@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.infer.program_cache import cached_program
-from mtl_jax.infer.progress import host_bar, tick
+from mtl_jax.infer.progress import host_bar, piece_length
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
 
@@ -120,52 +120,84 @@ def jittered_starts(model, design, starts, key, init_jitter, *, parameterisation
         treedef, [leaf + init_jitter * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, noise_keys)])
 
 
-@cached_program(static_argnames=("model", "num_warmup", "num_samples", "target_accept", "parameterisation",
-                                  "dense_mass", "progress"))
-def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: int, target_accept: float,
-                  parameterisation: str, dense_mass, progress: bool = False):
-    """NUTS chains from ``starts`` in one program: initialisation, warm-up and draws.
-
-    Args:
-        model, design: the model and its data (the program of :func:`program_for`).
-        key: PRNG key; chain ``c`` runs on ``jax.random.split(key, C)[c]``.
-        starts: unconstrained values of the sampled sites, leading axis ``[C]`` (chains).
-        num_warmup: transitions that adapt the step size and the mass matrix (not kept).
-        num_samples: kept transitions per chain.
-        target_accept: NUTS target acceptance probability.
-        parameterisation: the program's task effects (:data:`PARAMETERISATIONS`).
-        dense_mass: NumPyro's ``dense_mass`` (:func:`mass_matrix_structure`; a list as a tuple).
-        progress: advance the bar of :func:`mtl_jax.infer.progress.host_bar` at every transition.
-
-    Returns:
-        ``(draws, diverging, num_steps)``: the draws as the model's parameters with leading
-        ``[C, num_samples]`` axes (constrained, ``model.from_sites``), and per draw whether
-        its trajectory diverged and its number of leapfrog steps, ``[C, num_samples]``.
-    """
+def _kernel(model, design, key, starts, *, num_warmup: int, target_accept: float, parameterisation: str,
+            dense_mass):
+    """A NumPyro NUTS kernel of the model's program and its chains' initial state (vectorised over ``[C]``)."""
     from numpyro.infer import NUTS
 
     kernel = NUTS(program_for(model, parameterisation), target_accept_prob=target_accept,
                   dense_mass=list(dense_mass) if isinstance(dense_mass, tuple) else dense_mass)
     num_chains = jax.tree_util.tree_leaves(starts)[0].shape[0]
-    state = kernel.init(jax.random.split(key, num_chains), num_warmup, init_params=starts, model_args=(design,))
+    return kernel, kernel.init(jax.random.split(key, num_chains), num_warmup, init_params=starts,
+                               model_args=(design,))
+
+
+_KERNEL_OPTIONS = ("model", "num_warmup", "target_accept", "parameterisation", "dense_mass")
+
+
+@cached_program(static_argnames=_KERNEL_OPTIONS)
+def initial_state(model, design, key, starts, *, num_warmup: int, target_accept: float, parameterisation: str,
+                  dense_mass):
+    """NUTS's state before its first transition: chains at ``starts`` (unconstrained sites, leading
+    ``[C]``), chain ``c`` on ``jax.random.split(key, C)[c]``; warm-up adapts over ``num_warmup``
+    transitions (``target_accept``, ``dense_mass`` as NumPyro's, a list as a tuple)."""
+    return _kernel(model, design, key, starts, num_warmup=num_warmup, target_accept=target_accept,
+                   parameterisation=parameterisation, dense_mass=dense_mass)[1]
+
+
+@cached_program(static_argnames=_KERNEL_OPTIONS + ("length",))
+def transitions(model, design, key, starts, state, first, total, *, num_warmup: int, target_accept: float,
+                parameterisation: str, dense_mass, length: int):
+    """Transitions ``first, ..., first + length - 1`` of the chains from ``state``, those before ``total``.
+
+    The kernel is that of :func:`initial_state` (same arguments; its initialisation is traced
+    only to build the kernel and is not computed). Transitions ``< num_warmup`` adapt the
+    step size and the mass matrix.
+
+    Returns:
+        ``(state, (draws, diverging, num_steps))``: the state after the last transition
+        before ``total``; per transition ``[length, C, ...]`` the model's parameters
+        (constrained, ``model.from_sites``), whether the trajectory diverged, its leapfrog
+        steps (entries past ``total`` repeat the last state's).
+    """
+    kernel, _ = _kernel(model, design, key, starts, num_warmup=num_warmup, target_accept=target_accept,
+                        parameterisation=parameterisation, dense_mass=dense_mass)
     constrain = jax.vmap(kernel.postprocess_fn((design,), {}))
 
-    def transition(state):
-        state = kernel.sample(state, (design,), {})
-        if progress:
-            tick(state.i)
-        return state
-
-    state = jax.lax.fori_loop(0, num_warmup, lambda _, state: transition(state), state)
-
-    def draw(state, _):
-        state = transition(state)
+    def transition(state, index):
+        state = jax.lax.cond(index < total, lambda s: kernel.sample(s, (design,), {}), lambda s: s, state)
         sites = constrain(state.z)
         return state, (model.from_sites({name: sites[name] for name in model.param_sites()}), state.diverging,
                        state.num_steps)
 
-    _, collected = jax.lax.scan(draw, state, length=num_samples)
-    return jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), collected)
+    return jax.lax.scan(transition, state, first + jnp.arange(length))
+
+
+def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: int, target_accept: float,
+                  parameterisation: str, dense_mass, progress: bool = False):
+    """NUTS chains from ``starts`` (unconstrained sites, leading ``[C]``): warm-up, then ``num_samples`` draws.
+
+    One program runs every transition (:func:`transitions`); with ``progress`` it runs in
+    pieces and a bar advances after each (:mod:`mtl_jax.infer.progress`; the same
+    transitions, the same draws).
+
+    Returns:
+        ``(draws, diverging, num_steps)`` as host arrays with leading ``[C, num_samples]``
+        axes (the draws as the model's parameters).
+    """
+    options = dict(num_warmup=num_warmup, target_accept=target_accept, parameterisation=parameterisation,
+                   dense_mass=dense_mass)
+    state = initial_state(model, design, key, starts, **options)
+    total = num_warmup + num_samples
+    length = piece_length(total, progress)
+    pieces = []
+    with host_bar(total, "nuts", progress) as advance:
+        for first in range(0, total, length):
+            state, piece = transitions(model, design, key, starts, state, first, total, length=length, **options)
+            pieces.append(jax.tree_util.tree_map(np.asarray, piece))
+            advance(min(length, total - first))
+    kept = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[num_warmup:total], *pieces)
+    return jax.tree_util.tree_map(lambda leaf: np.swapaxes(leaf, 0, 1), kept)
 
 
 def run_nuts_backend(
@@ -219,12 +251,11 @@ def run_nuts_backend(
     init = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.result_type(float)), init)
     dense_mass = mass_matrix_structure(mass_matrix, program_for(model, parameterisation), design,
                                        model.site_values(reference))
-    with host_bar(num_warmup + num_samples, "nuts", progress):
-        raw, diverging, num_steps = sample_chains(
-            model, design, key_chains, init, num_warmup=num_warmup, num_samples=num_samples,
-            target_accept=target_accept, parameterisation=parameterisation,
-            dense_mass=tuple(dense_mass) if isinstance(dense_mass, list) else dense_mass, progress=progress)
-    draws = align_draws(model, jax.tree_util.tree_map(np.asarray, raw), reference)
+    raw, diverging, num_steps = sample_chains(
+        model, design, key_chains, init, num_warmup=num_warmup, num_samples=num_samples,
+        target_accept=target_accept, parameterisation=parameterisation,
+        dense_mass=tuple(dense_mass) if isinstance(dense_mass, list) else dense_mass, progress=progress)
+    draws = align_draws(model, raw, reference)
     return BackendResult(
         params=jax.tree_util.tree_map(lambda leaf: leaf.mean(axis=(0, 1)), draws),
         converged=True,

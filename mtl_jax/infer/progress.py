@@ -1,9 +1,10 @@
-"""Progress bars for loops that run inside one compiled program (SVI steps, NUTS transitions).
+"""Progress bars over loops that run in compiled pieces (SVI's Adam steps, NUTS's transitions).
 
-The loop stays a ``lax.scan`` in a single program; each step calls :func:`tick` (a
-``jax.debug.callback``) and the host advances whichever bar :func:`host_bar` has open.
-The callback names no bar, so a cached program compiled under one bar serves the next
-call's bar too.
+A loop shown with a bar runs in :data:`PIECES` calls of one compiled program, each taking
+the state the previous one left, and the bar advances between them; without a bar it runs
+in one call. The pieces do exactly the steps of the single call, so a bar changes no
+number. (A bar advanced from inside the program by a host callback would keep the program
+out of JAX's persistent compilation cache, which does not store programs with callbacks.)
 """
 
 from __future__ import annotations
@@ -11,33 +12,22 @@ from __future__ import annotations
 import contextlib
 import sys
 
-import jax
+#: Pieces a loop shown with a bar is split into.
+PIECES = 20
 
-_open_bars: list = []
+
+def piece_length(total: int, shown: bool) -> int:
+    """Steps per compiled call: all ``total`` at once, or ``ceil(total / PIECES)`` when ``shown``."""
+    return max(-(-total // PIECES) if shown else total, 1)
 
 
 @contextlib.contextmanager
 def host_bar(total: int, description: str, enabled: bool):
-    """A ``tqdm`` bar of ``total`` steps that :func:`tick` advances while the block runs (nothing when not ``enabled``)."""
+    """Yields ``advance(steps)``: a ``tqdm`` bar over ``total`` steps on stderr, or a no-op when not ``enabled``."""
     if not enabled:
-        yield
+        yield lambda steps: None
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=description, unit="step", file=sys.stderr)
-    _open_bars.append(bar)
-    try:
-        yield
-    finally:
-        _open_bars.remove(bar)
-        bar.close()
-
-
-def _advance(_) -> None:
-    if _open_bars:
-        _open_bars[-1].update(1)
-
-
-def tick(after) -> None:
-    """Advance the open bar by one step once ``after`` (a traced value of the step) is computed."""
-    jax.debug.callback(_advance, after)
+    with tqdm(total=total, desc=description, unit="step", file=sys.stderr) as bar:
+        yield bar.update

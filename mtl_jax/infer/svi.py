@@ -30,7 +30,7 @@ import optax
 
 from mtl_jax.infer.em import em_fit
 from mtl_jax.infer.program_cache import cached_program
-from mtl_jax.infer.progress import host_bar, tick
+from mtl_jax.infer.progress import host_bar, piece_length
 from mtl_jax.infer.results import BackendResult, float_dtype
 
 #: Guides by name: the :mod:`numpyro.infer.autoguide` class of each (imported when SVI runs).
@@ -109,43 +109,63 @@ def loss_settled(losses: np.ndarray, rtol: float = 1e-4) -> bool:
     return bool(shift <= 2.0 * noise or shift <= rtol * abs(before.mean()))
 
 
-@cached_program(static_argnames=("model", "guide", "num_steps", "learning_rate", "num_samples", "parameterisation",
-                                  "progress"))
-def fit_guide(model, design, key, key_draws, start, *, guide: str, num_steps: int, learning_rate: float,
-              num_samples: int, parameterisation: str, progress: bool = False):
-    """The guide fitted by ``num_steps`` Adam steps on the ELBO, and its draws, in one program.
-
-    Args:
-        model, design: the model and its data (the program of :func:`program_for`).
-        key: PRNG key of the ELBO's noise; ``key_draws`` that of the guide's draws.
-        start: the parameters the guide's location starts at (``model.site_values``).
-        guide: one of :data:`GUIDES`.
-        num_steps, learning_rate: Adam steps and step size.
-        num_samples: draws ``S`` from the fitted guide, pushed through the model.
-        parameterisation: the program's task effects (:data:`PARAMETERISATIONS`).
-        progress: advance the bar of :func:`mtl_jax.infer.progress.host_bar` at every step.
-
-    Returns:
-        ``(draws, losses)``: the draws as the model's parameters with a leading ``[S]``
-        axis (``model.from_sites``), unaligned; the loss (negative ELBO) per step ``[num_steps]``.
-    """
-    from numpyro.infer import SVI, Predictive, Trace_ELBO, autoguide
+def _svi(model, design, key, start, *, guide: str, learning_rate: float, parameterisation: str):
+    """NumPyro's SVI of the model's program with the ``guide`` located at ``start``, its autoguide and initial state."""
+    from numpyro.infer import SVI, Trace_ELBO, autoguide
     from numpyro.infer.initialization import init_to_value
 
     program = program_for(model, parameterisation)
     auto = getattr(autoguide, GUIDES[guide])(program, init_loc_fn=init_to_value(values=model.site_values(start)))
     svi = SVI(program, auto, optax.adam(learning_rate), Trace_ELBO())
+    return svi, auto, svi.init(key, design)
 
-    def step(state, _):
-        state, loss = svi.update(state, design)
-        if progress:
-            tick(loss)
-        return state, loss
 
-    state, losses = jax.lax.scan(step, svi.init(key, design), length=num_steps)
-    predictive = Predictive(program, guide=auto, params=svi.get_params(state), num_samples=num_samples,
+_SVI_OPTIONS = ("model", "guide", "learning_rate", "parameterisation")
+
+
+@cached_program(static_argnames=_SVI_OPTIONS)
+def initial_guide(model, design, key, start, *, guide: str, learning_rate: float, parameterisation: str):
+    """SVI's state before its first step: the ``guide`` (one of :data:`GUIDES`) located at the parameters
+    ``start``, Adam at ``learning_rate``, ``key`` the ELBO's noise; the program's task effects in
+    ``parameterisation`` (:data:`PARAMETERISATIONS`)."""
+    return _svi(model, design, key, start, guide=guide, learning_rate=learning_rate,
+                parameterisation=parameterisation)[2]
+
+
+@cached_program(static_argnames=_SVI_OPTIONS + ("length",))
+def adam_steps(model, design, key, start, state, first, total, *, guide: str, learning_rate: float,
+               parameterisation: str, length: int):
+    """Adam steps ``first, ..., first + length - 1`` on the ELBO from ``state``, those before ``total``.
+
+    The SVI is that of :func:`initial_guide` (same arguments; its initialisation is traced
+    only to build it and is not computed).
+
+    Returns:
+        ``(state, losses [length])``: the state after the last step before ``total`` and
+        the loss (negative ELBO) of each step (NaN past ``total``).
+    """
+    svi, _, _ = _svi(model, design, key, start, guide=guide, learning_rate=learning_rate,
+                     parameterisation=parameterisation)
+    nan = jnp.full((), jnp.nan, jnp.result_type(float))
+
+    def step(state, index):
+        return jax.lax.cond(index < total, lambda s: svi.update(s, design), lambda s: (s, nan), state)
+
+    return jax.lax.scan(step, state, first + jnp.arange(length))
+
+
+@cached_program(static_argnames=_SVI_OPTIONS + ("num_samples",))
+def guide_draws(model, design, key, start, state, key_draws, *, guide: str, learning_rate: float,
+                parameterisation: str, num_samples: int):
+    """``num_samples`` draws of the fitted guide (``state``), pushed through the model: the model's
+    parameters with a leading ``[S]`` axis (``model.from_sites``), unaligned."""
+    from numpyro.infer import Predictive
+
+    svi, auto, _ = _svi(model, design, key, start, guide=guide, learning_rate=learning_rate,
+                        parameterisation=parameterisation)
+    predictive = Predictive(svi.model, guide=auto, params=svi.get_params(state), num_samples=num_samples,
                             return_sites=list(model.param_sites()))
-    return model.from_sites(predictive(key_draws, design)), losses
+    return model.from_sites(predictive(key_draws, design))
 
 
 def run_svi_backend(
@@ -190,13 +210,20 @@ def run_svi_backend(
     reference, _ = starting_points(model, design, key_start, init_params)
     if parameterisation is None:
         parameterisation = "noncentred" if guide == "map" else "centred"
-    with host_bar(num_steps, "svi", progress):
-        raw, losses = fit_guide(model, design, key_svi, key_draws, reference, guide=guide, num_steps=num_steps,
-                                learning_rate=learning_rate, num_samples=num_samples,
-                                parameterisation=parameterisation, progress=progress)
+    options = dict(guide=guide, learning_rate=learning_rate, parameterisation=parameterisation)
+    state = initial_guide(model, design, key_svi, reference, **options)
+    length = piece_length(num_steps, progress)
+    pieces = []
+    with host_bar(num_steps, "svi", progress) as advance:
+        for first in range(0, num_steps, length):
+            state, piece = adam_steps(model, design, key_svi, reference, state, first, num_steps, length=length,
+                                      **options)
+            pieces.append(np.asarray(piece))
+            advance(min(length, num_steps - first))
+    losses = np.concatenate(pieces)[:num_steps]
+    raw = guide_draws(model, design, key_svi, reference, state, key_draws, num_samples=num_samples, **options)
     draws = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[None], raw)
     draws = align_draws(model, draws, reference)
-    losses = np.asarray(losses)
     window = max(num_steps // 10, 1)
     return BackendResult(
         params=jax.tree_util.tree_map(lambda leaf: leaf.mean(axis=(0, 1)), draws),
