@@ -177,9 +177,9 @@ def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: i
                   parameterisation: str, dense_mass, progress: bool = False):
     """NUTS chains from ``starts`` (unconstrained sites, leading ``[C]``): warm-up, then ``num_samples`` draws.
 
-    One program runs every transition (:func:`transitions`); with ``progress`` it runs in
-    pieces and a bar advances after each (:mod:`mtl_jax.infer.progress`; the same
-    transitions, the same draws).
+    One program runs the transitions (:func:`transitions`), ``num_samples`` per call (the
+    warm-up's are dropped as they come); with ``progress`` in smaller pieces, a bar advancing
+    after each (:mod:`mtl_jax.infer.progress`; the same transitions, the same draws).
 
     Returns:
         ``(draws, diverging, num_steps)`` as host arrays with leading ``[C, num_samples]``
@@ -189,15 +189,16 @@ def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: i
                    dense_mass=dense_mass)
     state = initial_state(model, design, key, starts, **options)
     total = num_warmup + num_samples
-    length = piece_length(total, progress)
-    pieces = []
+    length = piece_length(total, progress, most=num_samples)  # a call returns at most num_samples transitions
+    kept = []
     with host_bar(total, "nuts", progress) as advance:
         for first in range(0, total, length):
             state, piece = transitions(model, design, key, starts, state, first, total, length=length, **options)
-            pieces.append(jax.tree_util.tree_map(np.asarray, piece))
+            if first + length > num_warmup:  # the draws of this piece, past the warm-up
+                kept.append(jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[max(num_warmup - first, 0):]), piece))
             advance(min(length, total - first))
-    kept = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[num_warmup:total], *pieces)
-    return jax.tree_util.tree_map(lambda leaf: np.swapaxes(leaf, 0, 1), kept)
+    draws = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[:num_samples], *kept)
+    return jax.tree_util.tree_map(lambda leaf: np.swapaxes(leaf, 0, 1), draws)
 
 
 def run_nuts_backend(

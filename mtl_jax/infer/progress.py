@@ -16,9 +16,11 @@ import sys
 PIECES = 20
 
 
-def piece_length(total: int, shown: bool) -> int:
-    """Steps per compiled call: all ``total`` at once, or ``ceil(total / PIECES)`` when ``shown``."""
-    return max(-(-total // PIECES) if shown else total, 1)
+def piece_length(total: int, shown: bool, most: int | None = None) -> int:
+    """Steps per compiled call: all ``total`` at once, or ``ceil(total / PIECES)`` when ``shown``;
+    at most ``most`` (e.g. to bound what one call returns)."""
+    length = -(-total // PIECES) if shown else total
+    return max(min(length, most or length), 1)
 
 
 @contextlib.contextmanager

@@ -146,7 +146,8 @@ def adam_steps(model, design, key, start, state, first, total, *, guide: str, le
     """
     svi, _, _ = _svi(model, design, key, start, guide=guide, learning_rate=learning_rate,
                      parameterisation=parameterisation)
-    nan = jnp.full((), jnp.nan, jnp.result_type(float))
+    loss = jax.eval_shape(svi.update, state, design)[1]
+    nan = jnp.full(loss.shape, jnp.nan, loss.dtype)
 
     def step(state, index):
         return jax.lax.cond(index < total, lambda s: svi.update(s, design), lambda s: (s, nan), state)
