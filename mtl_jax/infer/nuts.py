@@ -177,9 +177,8 @@ def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: i
                   parameterisation: str, dense_mass, progress: bool = False):
     """NUTS chains from ``starts`` (unconstrained sites, leading ``[C]``): warm-up, then ``num_samples`` draws.
 
-    One program runs the transitions (:func:`transitions`), ``num_samples`` per call (the
-    warm-up's are dropped as they come); with ``progress`` in smaller pieces, a bar advancing
-    after each (:mod:`mtl_jax.infer.progress`; the same transitions, the same draws).
+    One program runs the transitions (:func:`transitions`) in pieces (:mod:`mtl_jax.infer.progress`;
+    the warm-up's draws are dropped as they come); with ``progress`` a bar advances after each.
 
     Returns:
         ``(draws, diverging, num_steps)`` as host arrays with leading ``[C, num_samples]``
@@ -189,7 +188,7 @@ def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: i
                    dense_mass=dense_mass)
     state = initial_state(model, design, key, starts, **options)
     total = num_warmup + num_samples
-    length = piece_length(total, progress, most=num_samples)  # a call returns at most num_samples transitions
+    length = piece_length(total)
     kept = []
     with host_bar(total, "nuts", progress) as advance:
         for first in range(0, total, length):

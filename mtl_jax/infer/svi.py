@@ -213,7 +213,7 @@ def run_svi_backend(
         parameterisation = "noncentred" if guide == "map" else "centred"
     options = dict(guide=guide, learning_rate=learning_rate, parameterisation=parameterisation)
     state = initial_guide(model, design, key_svi, reference, **options)
-    length = piece_length(num_steps, progress)
+    length = piece_length(num_steps)
     pieces = []
     with host_bar(num_steps, "svi", progress) as advance:
         for first in range(0, num_steps, length):
