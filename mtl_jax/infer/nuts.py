@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.infer.program_cache import cached_program
-from mtl_jax.infer.progress import host_bar, piece_length
+from mtl_jax.infer.progress import run_in_pieces
 from mtl_jax.infer.results import BackendResult
 from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
 
@@ -188,15 +188,11 @@ def sample_chains(model, design, key, starts, *, num_warmup: int, num_samples: i
                    dense_mass=dense_mass)
     state = initial_state(model, design, key, starts, **options)
     total = num_warmup + num_samples
-    length = piece_length(total)
-    kept = []
-    with host_bar(total, "nuts", progress) as advance:
-        for first in range(0, total, length):
-            state, piece = transitions(model, design, key, starts, state, first, total, length=length, **options)
-            if first + length > num_warmup:  # the draws of this piece, past the warm-up
-                kept.append(jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[max(num_warmup - first, 0):]), piece))
-            advance(min(length, total - first))
-    draws = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[:num_samples], *kept)
+
+    def advance(state, first, length):
+        return transitions(model, design, key, starts, state, first, total, length=length, **options)
+
+    _, draws = run_in_pieces(advance, state, total, "nuts", progress, keep_from=num_warmup)
     return jax.tree_util.tree_map(lambda leaf: np.swapaxes(leaf, 0, 1), draws)
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import jax
+import numpy as np
+
 #: Pieces such a loop runs in.
 PIECES = 20
 
@@ -31,3 +34,26 @@ def host_bar(total: int, description: str, enabled: bool):
 
     with tqdm(total=total, desc=description, unit="step", file=sys.stderr) as bar:
         yield bar.update
+
+
+def run_in_pieces(advance, state, total: int, description: str, shown: bool, keep_from: int = 0):
+    """Steps ``0, ..., total - 1`` by ``state, outputs = advance(state, first, length)`` in pieces.
+
+    ``advance`` is a compiled program that takes steps ``first, ..., first + length - 1``
+    (those before ``total``) and returns the state after them and a pytree of per-step
+    outputs with a leading ``[length]`` axis. A ``tqdm`` bar advances after each piece when
+    ``shown``.
+
+    Returns:
+        The final state and the outputs of steps ``keep_from, ..., total - 1`` as host arrays
+        (the earlier steps' are dropped as they come).
+    """
+    length = piece_length(total)
+    kept = []
+    with host_bar(total, description, shown) as bar:
+        for first in range(0, total, length):
+            state, outputs = advance(state, first, length)
+            if first + length > keep_from:
+                kept.append(jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[max(keep_from - first, 0):]), outputs))
+            bar(min(length, total - first))
+    return state, jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[:total - keep_from], *kept)

@@ -30,7 +30,7 @@ import optax
 
 from mtl_jax.infer.em import em_fit
 from mtl_jax.infer.program_cache import cached_program
-from mtl_jax.infer.progress import host_bar, piece_length
+from mtl_jax.infer.progress import run_in_pieces
 from mtl_jax.infer.results import BackendResult, float_dtype
 
 #: Guides by name: the :mod:`numpyro.infer.autoguide` class of each (imported when SVI runs).
@@ -213,15 +213,11 @@ def run_svi_backend(
         parameterisation = "noncentred" if guide == "map" else "centred"
     options = dict(guide=guide, learning_rate=learning_rate, parameterisation=parameterisation)
     state = initial_guide(model, design, key_svi, reference, **options)
-    length = piece_length(num_steps)
-    pieces = []
-    with host_bar(num_steps, "svi", progress) as advance:
-        for first in range(0, num_steps, length):
-            state, piece = adam_steps(model, design, key_svi, reference, state, first, num_steps, length=length,
-                                      **options)
-            pieces.append(np.asarray(piece))
-            advance(min(length, num_steps - first))
-    losses = np.concatenate(pieces)[:num_steps]
+
+    def advance(state, first, length):
+        return adam_steps(model, design, key_svi, reference, state, first, num_steps, length=length, **options)
+
+    state, losses = run_in_pieces(advance, state, num_steps, "svi", progress)
     raw = guide_draws(model, design, key_svi, reference, state, key_draws, num_samples=num_samples, **options)
     draws = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[None], raw)
     draws = align_draws(model, draws, reference)
