@@ -309,6 +309,17 @@ def test_option_of_another_backend_exits_2_naming_it(data, tmp_path, method, fla
     assert not out.exists() and "fitting" not in run.out
 
 
+@pytest.mark.parametrize(("method", "flag", "value"), [
+    ("svi", "--num-steps", "0"), ("svi", "--svi-samples", "0"), ("nuts", "--num-samples", "0"),
+    ("nuts", "--num-chains", "0"), ("nuts", "--num-warmup", "-1"),
+])
+def test_a_count_below_its_minimum_exits_2_naming_the_flag(data, tmp_path, method, flag, value):
+    out = tmp_path / "fit.json"
+    run = run_main(fit_args(data.train, out, "--components", "1", "--method", method, flag, value))
+    assert run.status == 2 and f"mtl-jax fit: error: argument {flag}: must be at least" in run.err
+    assert not out.exists() and "fitting" not in run.out
+
+
 def test_backend_help_survives_repeated_parsers():
     for _ in range(2):
         run = run_main(["fit", "--help"])

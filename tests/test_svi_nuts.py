@@ -439,7 +439,7 @@ def test_sampling_fits_carry_draws(svi, nuts):
 
 
 @pytest.mark.parametrize("method, options, steps", [
-    ("svi", dict(num_steps=40, num_samples=5), 40),
+    ("svi", dict(num_steps=47, num_samples=5), 47),  # 16 pieces of 3 steps, the last one past the end
     ("nuts", dict(num_warmup=15, num_samples=10, num_chains=2), 25),
 ])
 def test_a_repeated_sampling_fit_compiles_nothing(design, em, method, options, steps, capfd):
@@ -448,6 +448,10 @@ def test_a_repeated_sampling_fit_compiles_nothing(design, em, method, options, s
     and, with the same seed, draws the same; so does one with ``progress=True``, whose bar
     counts every step (SVI's Adam steps; NUTS's warm-up and kept transitions)."""
     first = mtl_jax.fit(MODEL, design, method, seed=3, init_params=em.params, **options)
+    if method == "svi":  # every step's loss, none of the padding past the last step
+        assert first.trace.shape == (steps,) and np.all(np.isfinite(first.trace))
+    else:  # the kept transitions only
+        assert first.draws.component_coef.shape[:2] == (options["num_chains"], options["num_samples"])
     capfd.readouterr()
     for progress in (False, True):
         again = mtl_jax.fit(MODEL, design, method, seed=3, init_params=em.params, progress=progress, **options)
@@ -455,6 +459,18 @@ def test_a_repeated_sampling_fit_compiles_nothing(design, em, method, options, s
         for drawn, redrawn in zip(first.draws, again.draws):
             np.testing.assert_array_equal(drawn, redrawn)
         assert (f"{steps}/{steps}" in capfd.readouterr().err) == progress
+
+
+@pytest.mark.parametrize("method, options, named", [
+    ("svi", dict(num_steps=0), "num_steps=0"),
+    ("svi", dict(num_samples=0), "num_samples=0"),
+    ("nuts", dict(num_samples=0), "num_samples=0"),
+    ("nuts", dict(num_chains=0), "num_chains=0"),
+    ("nuts", dict(num_warmup=-1), "num_warmup=-1"),
+])
+def test_a_count_below_its_minimum_is_named(design, em, method, options, named):
+    with pytest.raises(ValueError, match=named):
+        mtl_jax.fit(MODEL, design, method, init_params=em.params, **options)
 
 
 def test_map_guide_from_its_own_em_start(design):

@@ -18,7 +18,8 @@ import numpy as np
 from mtl_jax.infer.program_cache import cached_program
 from mtl_jax.infer.progress import run_in_pieces
 from mtl_jax.infer.results import BackendResult
-from mtl_jax.infer.svi import PARAMETERISATIONS, align, align_draws, program_for, starting_points
+from mtl_jax.infer.svi import (PARAMETERISATIONS, align, align_draws, count_option, program_for, require_counts,
+                               starting_points)
 
 
 MASS_MATRICES = ("diagonal", "population", "dense")
@@ -239,6 +240,8 @@ def run_nuts_backend(
         ``converged`` only says the sampler ran (:func:`mtl_jax.fit` adds the R-hat
         check); ``n_iter = num_samples``; an empty trace.
     """
+    require_counts(1, num_samples=num_samples, num_chains=num_chains)
+    require_counts(0, num_warmup=num_warmup)
     key_start, key_chains = jax.random.split(key)
     reference, init = chain_starts(model, design, key_start, num_chains=num_chains, init_jitter=init_jitter,
                                    init_params=init_params, parameterisation=parameterisation)
@@ -246,7 +249,7 @@ def run_nuts_backend(
     # chains start there too, whatever the data's dtype, or a tree's branches disagree.
     init = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.result_type(float)), init)
     dense_mass = mass_matrix_structure(mass_matrix, program_for(model, parameterisation), design,
-                                       model.site_values(reference))
+                                       jax.eval_shape(model.site_values, reference))
     raw, diverging, num_steps = sample_chains(
         model, design, key_chains, init, num_warmup=num_warmup, num_samples=num_samples,
         target_accept=target_accept, parameterisation=parameterisation,
@@ -264,9 +267,9 @@ def run_nuts_backend(
 
 
 CLI_OPTIONS = (
-    ("--num-warmup", dict(type=int, metavar="N", help="NUTS warm-up steps per chain (default 500)")),
-    ("--num-samples", dict(type=int, metavar="N", help="NUTS draws per chain (default 500)")),
-    ("--num-chains", dict(type=int, metavar="N", help="NUTS chains (default 4)")),
+    ("--num-warmup", dict(type=count_option(0), metavar="N", help="NUTS warm-up steps per chain (default 500)")),
+    ("--num-samples", dict(type=count_option(1), metavar="N", help="NUTS draws per chain (default 500)")),
+    ("--num-chains", dict(type=count_option(1), metavar="N", help="NUTS chains (default 4)")),
     ("--target-accept", dict(type=float, metavar="P", help="NUTS target acceptance (default 0.8)")),
     ("--nuts-parameterisation", dict(choices=PARAMETERISATIONS, dest="parameterisation",
                                      help="task effects in the NumPyro program (default noncentred)")),

@@ -38,6 +38,27 @@ GUIDES = {"normal": "AutoNormal", "map": "AutoDelta", "lowrank": "AutoLowRankMul
 PARAMETERISATIONS = ("centred", "noncentred")
 
 
+def require_counts(minimum: int, **counts: int) -> None:
+    """Raise a ``ValueError`` naming every count (a backend option) below ``minimum``."""
+    low = [f"{name}={value}" for name, value in counts.items() if value < minimum]
+    if low:
+        raise ValueError(f"{', '.join(low)}: must be at least {minimum}")
+
+
+def count_option(minimum: int):
+    """An ``argparse`` type: an integer of at least ``minimum`` (else the flag's error, status 2)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
 def program_for(model, parameterisation: str):
     """``model.numpyro_model`` with its task effects centred or not (:data:`PARAMETERISATIONS`)."""
     if parameterisation not in PARAMETERISATIONS:
@@ -207,6 +228,7 @@ def run_svi_backend(
     """
     if guide not in GUIDES:
         raise ValueError(f"unknown guide {guide!r}; choose one of {sorted(GUIDES)}")
+    require_counts(1, num_steps=num_steps, num_samples=num_samples)
     key_start, key_svi, key_draws = jax.random.split(key, 3)
     reference, _ = starting_points(model, design, key_start, init_params)
     if parameterisation is None:
@@ -235,9 +257,9 @@ def run_svi_backend(
 
 CLI_OPTIONS = (
     ("--guide", dict(choices=sorted(GUIDES), help="SVI guide (default normal)")),
-    ("--num-steps", dict(type=int, metavar="N", help="SVI Adam steps (default 3000)")),
+    ("--num-steps", dict(type=count_option(1), metavar="N", help="SVI Adam steps (default 3000)")),
     ("--learning-rate", dict(type=float, metavar="LR", help="SVI Adam step size (default 0.01)")),
-    ("--svi-samples", dict(type=int, metavar="S", dest="num_samples",
+    ("--svi-samples", dict(type=count_option(1), metavar="S", dest="num_samples",
                            help="SVI guide draws for the summaries (default 1000)")),
     ("--svi-parameterisation", dict(choices=PARAMETERISATIONS, dest="parameterisation",
                                     help="task effects in the NumPyro program (default centred; "
