@@ -123,6 +123,9 @@ __all__ = [
     "kron_bordered_solve",
     "kron_row_covariance_sum",
     "kron_rows",
+    "KronWeights",
+    "MultinomialWeights",
+    "packed_weights",
     "psd_cholesky",
     "psd_inverse",
     "psd_logdet",
@@ -133,6 +136,7 @@ __all__ = [
     "segment_sum",
     "segment_sums",
     "solve_triangular",
+    "unpack_symmetric",
 ]
 
 # ``c`` in the Cholesky jitter ``c * eps(dtype) * M_kk`` (see psd_cholesky)
@@ -635,9 +639,27 @@ class KronWeights(NamedTuple):
     shared: Float[Array, "d d"]
 
 
+class MultinomialWeights(NamedTuple):
+    r"""Row weights of a multinomial logit, :math:`W_j = m_j\,(\operatorname{diag}\pi_j - \pi_j\pi_j^T)`.
+
+    The negative Hessian of :math:`m_j \log\operatorname{softmax}` in the ``d`` non-reference
+    logits (:math:`\pi_j` their probabilities). :func:`kron_bordered_solve` then never forms
+    the ``[n, d, d]`` blocks: :math:`W_j\eta_j = m_j\,\pi_j\odot(\eta_j - \pi_j^T\eta_j)`
+    costs ``O(d)`` per row, and its sums over the rows are taken over the ``d(d+1)/2``
+    distinct entries (:func:`packed_weights`).
+
+    Attributes:
+        mass: :math:`m_j` ``[n]``.
+        probs: :math:`\pi_j` ``[n, d]``.
+    """
+
+    mass: Float[Array, " n"]
+    probs: Float[Array, "n d"]
+
+
 def kron_bordered_solve(
     x: Float[Array, "n q"],
-    weights: Float[Array, "n d d"] | KronWeights,
+    weights: Float[Array, "n d d"] | KronWeights | MultinomialWeights,
     grads: Float[Array, "n d"],
     task: Int[Array, " n"],
     num_tasks: int,
@@ -683,7 +705,8 @@ def kron_bordered_solve(
     Args:
         x: shared covariates ``[n, q]``; :math:`\beta` is :math:`\operatorname{vec}` of a
             ``[q, d]`` coefficient matrix, row-major (the layout of :func:`kron_rows`).
-        weights: :math:`W_j` ``[n, d, d]``, or :class:`KronWeights` when they factor.
+        weights: :math:`W_j` ``[n, d, d]`` (symmetric), or :class:`KronWeights` when they
+            factor, or :class:`MultinomialWeights` for a multinomial logit.
         grads, task, num_tasks, random_prior_prec, random_prior_grad,
         fixed_prior_prec, refinement_steps: as in :func:`bordered_solve`, with ``r = d``.
         random_intercepts: whether the tasks have random intercepts :math:`b_i\in\mathbb R^d`
@@ -698,7 +721,7 @@ def kron_bordered_solve(
     u = jnp.asarray(grads, dtype)
     task = jnp.asarray(task)
     K = num_tasks
-    q, d = x.shape[1], (weights.shared if isinstance(weights, KronWeights) else weights).shape[-1]
+    q, d = x.shape[1], _weights_size(weights)
     m, r = q * d, d if random_intercepts else 0
     Q = jnp.broadcast_to(jnp.asarray(random_prior_prec, dtype), (K, r, r))
     h = jnp.zeros((K, r), dtype) if random_prior_grad is None else jnp.asarray(random_prior_grad, dtype)
@@ -747,11 +770,48 @@ def kron_bordered_solve(
     return BorderedSolution(beta, b, fixed_cov, centre, random_prec_inv, M)
 
 
+def _weights_size(weights) -> int:
+    """``d`` of the ``[d, d]`` row weights of :func:`kron_bordered_solve`."""
+    if isinstance(weights, KronWeights):
+        return weights.shared.shape[-1]
+    if isinstance(weights, MultinomialWeights):
+        return weights.probs.shape[-1]
+    return weights.shape[-1]
+
+
 def _weighting(weights):
     r""":math:`\eta \mapsto (W_j\eta_j)_j`, ``[n, d] -> [n, d]``."""
     if isinstance(weights, KronWeights):
         return lambda eta: weights.rows[:, None] * jnp.einsum("de,ne->nd", weights.shared, eta)
+    if isinstance(weights, MultinomialWeights):
+        mass, probs = weights
+        return lambda eta: (mass[:, None] * probs) * (eta - jnp.einsum("nd,nd->n", probs, eta)[:, None])
     return lambda eta: jnp.einsum("nde,ne->nd", weights, eta)
+
+
+def packed_weights(weights: Float[Array, "n d d"] | MultinomialWeights) -> Float[Array, "n s"]:
+    r"""The distinct entries :math:`W_{j,kl}`, :math:`k \le l`, of symmetric row weights, ``[n, d(d+1)/2]``.
+
+    Sums over the rows of symmetric ``[d, d]`` blocks need only these (:func:`unpack_symmetric`
+    restores the blocks): for the ``d = g - 1`` mixing logits of a mixture, about half the
+    products and memory of the full blocks. :class:`MultinomialWeights` are formed here
+    entry by entry, :math:`m\pi_k(1 - \pi_k)` on the diagonal and :math:`-m\pi_k\pi_l` off it.
+    """
+    if isinstance(weights, MultinomialWeights):
+        mass, probs = weights
+        first, second = np.triu_indices(probs.shape[-1])
+        scaled = mass[:, None] * probs[:, first]
+        return scaled * jnp.where(first == second, 1.0 - probs[:, second], -probs[:, second])
+    first, second = np.triu_indices(weights.shape[-1])
+    return weights[:, first, second]
+
+
+def unpack_symmetric(packed: Float[Array, "*batch s"], d: int) -> Float[Array, "*batch d d"]:
+    """Symmetric ``[d, d]`` blocks from their upper triangles (:func:`packed_weights`' order)."""
+    first, second = np.triu_indices(d)
+    index = np.zeros((d, d), int)
+    index[first, second] = index[second, first] = np.arange(first.size)
+    return packed[..., index]
 
 
 def _weighted_task_sums(weights, x_rows, task, num_tasks: int, *, with_tasks: bool):
@@ -760,7 +820,8 @@ def _weighted_task_sums(weights, x_rows, task, num_tasks: int, *, with_tasks: bo
     :math:`M_i = \sum_{j\in i}W_j` ``[K, d, d]``, :math:`\tilde C_i = \sum_{j\in i}\tilde x_j\otimes W_j`
     ``[K, q d, d]`` (both only ``with_tasks``, else ``None``) and the Gram blocks
     :math:`\sum_j \tilde x_j\tilde x_j^T\otimes W_j` as ``[q, q, d, d]``. With
-    :class:`KronWeights` the scalar weights are summed and :math:`S` multiplies the sums.
+    :class:`KronWeights` the scalar weights are summed and :math:`S` multiplies the sums;
+    otherwise the sums run over the distinct entries of the symmetric blocks (:func:`packed_weights`).
     """
     K = num_tasks
     q = x_rows.shape[1]
@@ -772,11 +833,15 @@ def _weighted_task_sums(weights, x_rows, task, num_tasks: int, *, with_tasks: bo
             return None, None, gram
         weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)
         return (weight_sums[:, None, None] * S, jnp.einsum("ia,kl->iakl", weighted_x, S).reshape(K, q * d, d), gram)
-    d = weights.shape[-1]
-    gram = _weighted_gram(x_rows, weights)
+    d = _weights_size(weights)
+    rows = packed_weights(weights)
+    gram = unpack_symmetric(_weighted_gram(x_rows, rows), d)
     if not with_tasks:
         return None, None, gram
-    return segment_sum(weights, task, K), segment_outer_sum(x_rows, weights, task, K).reshape(K, q * d, d), gram
+    # M_i and C_i in one per-task sum: of (1, x~_j) (x) W_j
+    sums = unpack_symmetric(segment_outer_sum(jnp.concatenate([jnp.ones_like(x_rows[:, :1]), x_rows], axis=1), rows,
+                                              task, K), d)
+    return sums[:, 0], sums[:, 1:].reshape(K, q * d, d), gram
 
 
 #: Largest number of covariates for which :func:`_weighted_gram` sums precomputed row products.

@@ -250,6 +250,57 @@ def test_kron_solve_with_factored_weights_matches_the_dense_system(random_interc
             _rel(getattr(from_rows, name), getattr(exact, name)), 1e-6), name
 
 
+@pytest.mark.parametrize("random_intercepts", [True, False])
+def test_kron_solve_with_multinomial_weights_matches_the_dense_system(random_intercepts):
+    """``MultinomialWeights``, W_j = m_j (diag pi_j - pi_j pi_j^T) (a mixing step's logits; rows of
+    mass zero, near-certain rows): the brute-force dense solve in float64, covariates far from
+    zero; in float32 as accurate as the blocks written out row by row."""
+    rng = np.random.default_rng(40 + random_intercepts)
+    q, d = 2, 3
+    task = rng.permutation(np.repeat(np.arange(K_TASKS), TASK_SIZES))
+    n, r = task.size, d if random_intercepts else 0
+    x = np.column_stack([np.ones(n), 50.0 + rng.normal(size=n)])
+    logits = np.concatenate([3.0 * rng.normal(size=(n, d)), np.zeros((n, 1))], axis=1)
+    logits[::5, 0] += 12.0  # pi_1 within ~1e-5 of 1
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = (probs / probs.sum(1, keepdims=True))[:, :d]
+    mass = rng.uniform(size=n)
+    mass[::4] = 0.0
+    dense_weights = mass[:, None, None] * (np.einsum("nk,kl->nkl", probs, np.eye(d))
+                                           - probs[:, :, None] * probs[:, None, :])
+    R = rng.normal(size=(r, r))
+    Q = np.broadcast_to(R @ R.T + 0.5 * np.eye(r), (K_TASKS, r, r))
+    F0 = 1e-3 * np.eye(q * d)
+    p = dict(A=np.asarray(kron_rows(x, d)), B=np.broadcast_to(np.eye(d)[:r], (n, r, d)), W=dense_weights,
+             u=rng.normal(size=(n, d)), task=task, Q=Q, h=rng.normal(size=(K_TASKS, r)), F0=F0)
+    structured = linalg.MultinomialWeights(mass, probs)
+    exact = kron_solve(x, structured, p["u"], task, K_TASKS, Q, p["h"], F0, random_intercepts=random_intercepts)
+    _check_against_dense(p, exact, tol=1e-9)
+    single = [np.asarray(a, np.float32) for a in (x, mass, probs, dense_weights, p["u"], Q, p["h"], F0)]
+    x32, m32, pi32, W32, u32, Q32, h32, F32 = single
+    from_structure = kron_solve(x32, linalg.MultinomialWeights(m32, pi32), u32, task, K_TASKS, Q32, h32, F32,
+                                random_intercepts=random_intercepts)
+    from_rows = kron_solve(x32, W32, u32, task, K_TASKS, Q32, h32, F32, random_intercepts=random_intercepts)
+    assert from_structure.fixed.dtype == jnp.float32
+    for name in ("fixed", "random", "fixed_cov"):
+        assert _rel(getattr(from_structure, name), getattr(exact, name)) <= 2 * max(
+            _rel(getattr(from_rows, name), getattr(exact, name)), 1e-6), name
+
+
+def test_packed_weights_round_trip():
+    """The distinct entries of symmetric blocks, and back; multinomial weights packed entry by entry."""
+    rng = np.random.default_rng(6)
+    G = rng.normal(size=(5, 4, 4))
+    blocks = G @ np.swapaxes(G, -1, -2)
+    packed = linalg.packed_weights(jnp.asarray(blocks))
+    assert packed.shape == (5, 10)
+    np.testing.assert_array_equal(linalg.unpack_symmetric(packed, 4), blocks)
+    mass, probs = rng.uniform(size=5), rng.dirichlet(np.ones(5), size=5)[:, :4]
+    dense = mass[:, None, None] * (np.einsum("nk,kl->nkl", probs, np.eye(4)) - probs[:, :, None] * probs[:, None, :])
+    unpacked = linalg.unpack_symmetric(linalg.packed_weights(linalg.MultinomialWeights(mass, probs)), 4)
+    np.testing.assert_allclose(unpacked, dense, rtol=1e-14, atol=1e-16)
+
+
 @pytest.mark.parametrize("num_tasks", [3, 40])  # a product with the task indicator / a scatter
 def test_segment_outer_sum_matches_numpy(num_tasks):
     rng = np.random.default_rng(5)

@@ -35,6 +35,7 @@ from jaxtyping import Array, Float
 from mtl_jax.linalg import (
     BorderedSolution,
     KronWeights,
+    MultinomialWeights,
     bordered_solve,
     diag_embed,
     is_positive_definite,
@@ -176,11 +177,10 @@ def mixing_m_step(model, params: MixtureParams, design: MixtureDesign, tau, upda
 
     logits = mixing_logits(v, design.x_mix, row_effects(a, design.task))
     pi = jax.nn.softmax(logits, axis=-1)[:, :g1]
-    weights = mass[:, None, None] * (diag_embed(pi) - pi[:, :, None] * pi[:, None, :])  # -d2 Q / d eta2
     grads = tau[:, :g1] - mass[:, None] * pi  # d Q / d eta
     solution = kron_bordered_solve(
         design.x_mix,
-        weights,
+        MultinomialWeights(mass, pi),  # -d2 Q / d eta2
         grads,
         design.task,
         K,
