@@ -831,17 +831,22 @@ def _weighted_task_sums(weights, x_rows, task, num_tasks: int, *, with_tasks: bo
         gram = jnp.einsum("ab,kl->abkl", _weighted_gram(x_rows, w), S)
         if not with_tasks:
             return None, None, gram
-        weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)
+        weight_sums, weighted_x = _task_sums_with_covariates(x_rows, w, task, K)
         return (weight_sums[:, None, None] * S, jnp.einsum("ia,kl->iakl", weighted_x, S).reshape(K, q * d, d), gram)
     d = _weights_size(weights)
     rows = packed_weights(weights)
     gram = unpack_symmetric(_weighted_gram(x_rows, rows), d)
     if not with_tasks:
         return None, None, gram
-    # M_i and C_i in one per-task sum: of (1, x~_j) (x) W_j
-    sums = unpack_symmetric(segment_outer_sum(jnp.concatenate([jnp.ones_like(x_rows[:, :1]), x_rows], axis=1), rows,
-                                              task, K), d)
-    return sums[:, 0], sums[:, 1:].reshape(K, q * d, d), gram
+    weight_sums, weighted_x = _task_sums_with_covariates(x_rows, rows, task, K)
+    return unpack_symmetric(weight_sums, d), unpack_symmetric(weighted_x, d).reshape(K, q * d, d), gram
+
+
+def _task_sums_with_covariates(x_rows: Float[Array, "n q"], rows: Float[Array, "n ..."], task, num_tasks: int):
+    r"""Per task, :math:`\sum_{j\in i} r_j` ``[K, ...]`` and :math:`\sum_{j\in i}\tilde x_j\otimes r_j`
+    ``[K, q, ...]``: one per-task sum (:func:`segment_outer_sum`) of :math:`(1, \tilde x_j)\otimes r_j`."""
+    sums = segment_outer_sum(jnp.concatenate([jnp.ones_like(x_rows[:, :1]), x_rows], axis=1), rows, task, num_tasks)
+    return sums[:, 0], sums[:, 1:]
 
 
 #: Largest number of covariates for which :func:`_weighted_gram` sums precomputed row products.
@@ -1003,7 +1008,7 @@ def kron_row_covariance_sum(
         return _symmetrise(jnp.einsum("ab,akbl->kl", _weighted_gram(x, w), fixed_cov))
     x_mean, x_rows = _centred_within_tasks(x, task, K)
     offset = jnp.einsum("ia,kl->iakl", x_mean, jnp.eye(d, dtype=dtype)).reshape(K, m, d) - solution.centre
-    weight_sums, weighted_x = segment_sums(task, K, w, w[:, None] * x_rows)  # omega_i [K], [K, q]
+    weight_sums, weighted_x = _task_sums_with_covariates(x_rows, w, task, K)  # omega_i [K], [K, q]
     cov_offset = jnp.einsum("akm,imr->iakr", fixed_cov.reshape(q, d, m), offset)  # P^{-1} E_i [K, q, d, d]
     cross = jnp.einsum("ia,iakr->kr", weighted_x, cov_offset)
     total = (jnp.einsum("ab,akbl->kl", _weighted_gram(x_rows, w), fixed_cov)

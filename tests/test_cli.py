@@ -261,6 +261,39 @@ def test_mixture_score_of_unseen_task_integrates_the_effects_out(svi, data):
     assert np.max(np.abs(loglik - plug_in)) > 0.05, np.abs(loglik - plug_in)
 
 
+def test_three_component_mixture_ends_where_the_loglik_is_flat_in_the_mixing_coefficients(data, tmp_path):
+    """g = 3 by the command line (two mixing logits: the Newton step's weights have off-diagonal
+    blocks): the saved log-likelihood is the mixture's, computed here from the saved
+    parameters, and its gradient in the mixing coefficients (central differences) is zero."""
+    out = tmp_path / "g3.json"
+    run = run_main(fit_args(data.train, out, "--components", "3", "--no-mixing-random-effects",
+                            "--no-component-random-effects", "--mixing-covariates", "x1", "x2",
+                            "--method", "em", "--n-init", "2", "--max-iter", "1000"))
+    assert run.status == 0, run.err
+    saved = json.loads(out.read_text())
+    assert saved["converged"]
+    y = data.frame.y.to_numpy()
+    means = design_matrix(data.frame, data.frame, COVARIATES) @ np.asarray(saved["component_coef"]).T  # [n, 3]
+    sigma2 = np.asarray(saved["component_cov"])[:, 0, 0]
+    x_mix = design_matrix(data.frame, data.frame, ["x1", "x2"])
+
+    def loglik(v):
+        logits = np.column_stack([x_mix @ v.T, np.zeros(len(y))])
+        log_pi = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return np.log(np.exp(log_pi + normal_logpdf(y[:, None], means, sigma2)).sum(1)).sum()
+
+    v = np.asarray(saved["mixing_coef"])
+    assert v.shape == (2, 3)
+    np.testing.assert_allclose(saved["loglik"], loglik(v), rtol=1e-9)
+    for shift, small in ((0.0, True), (0.1, False)):  # flat at the fit, steep off it
+        grad = np.zeros_like(v)
+        for index in np.ndindex(v.shape):
+            step = np.zeros_like(v)
+            step[index] = 1e-6
+            grad[index] = (loglik(v + shift + step) - loglik(v + shift - step)) / 2e-6
+        assert (np.max(np.abs(grad)) < 1e-2) == small, grad
+
+
 # ----------------------------------------------------- 2. backend options arrive
 def test_svi_options_reach_the_backend(svi):
     assert "with SVI (num_steps=123, num_samples=100) ..." in svi.run.out

@@ -226,6 +226,37 @@ def test_models_without_random_effects_fit_for_any_g_and_p(g, p):
     assert result.trace[-1] > result.trace[0] + 1.0
 
 
+def _finite_difference_gradient(function, point: np.ndarray, step: float = 1e-6) -> np.ndarray:
+    """Central differences of a scalar ``function`` at ``point``, entry by entry."""
+    grad = np.zeros_like(point)
+    for index in np.ndindex(point.shape):
+        shift = np.zeros_like(point)
+        shift[index] = step
+        grad[index] = (function(point + shift) - function(point - shift)) / (2 * step)
+    return grad
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_em_ends_where_the_loglik_is_flat_in_the_mixing_coefficients(p):
+    """g = 3 through the public fit(): two mixing logits, so the Newton step's weights have
+    off-diagonal blocks. At a converged EM fit the scipy loop's log-likelihood has zero
+    gradient in v (central differences), as EM's fixed point must."""
+    from mtl_jax import fit
+
+    _, design = random_problem(p=p, g=3, K=3, n=60, seed=2)
+    model = MixtureGLMM(3, mixing_random_effects=False, component_random_effects=False, residual_update="ml")
+    result = fit(model, design, "em", n_init=2, max_iter=1000)
+    assert result.converged
+    params = jax.tree_util.tree_map(np.asarray, result.params)
+
+    def loglik(v):
+        return np.log(np.exp(brute_force_joint(params._replace(mixing_coef=v), design)).sum(1)).sum()
+
+    grad = _finite_difference_gradient(loglik, params.mixing_coef)
+    assert np.max(np.abs(grad)) < 1e-2, grad
+    assert np.max(np.abs(_finite_difference_gradient(loglik, params.mixing_coef + 0.5))) > 0.1  # the check can fail
+
+
 def test_newton_ascent_stops_at_the_modes_without_halving_on_rounding_noise():
     """Concave quadratics f_i(u) = c_i - (u - m_i)^T A_i (u - m_i) / 2 with a large constant c_i
     (so float32 rounding of f_i is far above a converged step's gain): the modes m_i are
